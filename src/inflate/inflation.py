@@ -1,0 +1,156 @@
+"""The front door: ``inflate_first_conv``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from . import surgery
+from .discovery import InputLayer, discover, unwrap
+from .errors import InflateError
+from .timm_config import update_pretrained_cfg
+from .weights import RULES, Init, KernelLayout
+
+__all__ = ["inflate_first_conv"]
+
+
+def _validate(num_inputs: object, init: object, scale: object, channels: object, layers: object,
+              example_input: object) -> None:
+    if not isinstance(num_inputs, int) or isinstance(num_inputs, bool) or num_inputs < 1:
+        raise InflateError(f"num_inputs: expected an int >= 1, got {num_inputs!r}")
+    if not callable(init) and init not in RULES:
+        raise InflateError(f"init: expected one of {RULES} or a callable, got {init!r}")
+    if not isinstance(scale, bool):
+        raise InflateError(f"scale: expected a bool, got {scale!r}")
+    if channels is not None:
+        ok = isinstance(channels, Sequence) and all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels)
+        if not ok:
+            raise InflateError(f"channels: expected a sequence of ints >= 1, got {channels!r}")
+        if len(channels) != num_inputs:  # type: ignore[arg-type]
+            raise InflateError(f"channels: expected {num_inputs} counts (one per input), "
+                               f"got {len(channels)}: {tuple(channels)}")  # type: ignore[arg-type]
+    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence) or not layers
+                               or not all(isinstance(n, str) for n in layers)):
+        raise InflateError(f"layers: expected a non-empty sequence of layer names, got {layers!r}")
+    if example_input is not None and not isinstance(example_input, Tensor):
+        raise InflateError(f"example_input: expected a Tensor, got {type(example_input).__name__}")
+
+
+def _declared_layers(model: nn.Module, names: Sequence[str]) -> list[InputLayer]:
+    """Plain layouts for layers named by the user when the model cannot be traced."""
+    layers = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as error:
+            raise InflateError(f"layers: expected names of submodules, got {name!r}") from error
+        if isinstance(module, nn.modules.conv._ConvNd):
+            kind = "transposed" if module.transposed else "conv"
+            layers.append(InputLayer(name, "weight", KernelLayout(kind, module.groups), module.in_channels))
+        elif isinstance(module, nn.Linear):
+            layers.append(InputLayer(name, "weight", KernelLayout("linear"), module.in_features))
+        else:
+            raise InflateError(f"layers: expected Conv or Linear modules, got {type(module).__name__} for {name!r}")
+    if len({layer.channels for layer in layers}) > 1:
+        raise InflateError("layers: expected layers that read the same input, got different channel counts "
+                           + str({layer.name: layer.channels for layer in layers}))
+    return layers
+
+
+def _input_layers(model: nn.Module, layers: Sequence[str] | None, example_input: Tensor | None) -> list[InputLayer]:
+    try:
+        found = discover(model, example_input)
+    except InflateError:
+        if layers is None:
+            raise
+        return _declared_layers(model, layers)  # the model cannot be traced: the user names the layers
+    found.raise_problems()
+    if layers is not None:
+        names = [layer.name for layer in found.layers]
+        if sorted(names) != sorted(layers):
+            raise InflateError(f"layers: expected exactly the layers that read the input, {names}, "
+                               f"got {list(layers)}")
+    return found.layers
+
+
+def inflate_first_conv(
+    model: nn.Module,
+    num_inputs: int = 2,
+    *,
+    init: Init = "repeat",
+    scale: bool = True,
+    channels: Sequence[int] | None = None,
+    layers: Sequence[str] | None = None,
+    example_input: Tensor | None = None,
+) -> nn.Module:
+    """Widen the layer(s) that read the input so the model takes ``num_inputs`` inputs.
+
+    Inputs are concatenated along the channel axis: the model then takes
+    ``(B, N*C, ...)`` with input ``i`` at channels ``[i*C, (i+1)*C)``, which is
+    ``einops.rearrange(x, "b n c ... -> b (n c) ...")`` of a ``(B, N, C, ...)`` stack.
+    The layers are found by following the data (:func:`find_input_layers`), so every
+    branch of a multi-branch stem is widened.
+
+    Rules (``init``), on each input-layer kernel ``W``:
+
+    * ``"repeat"``: every input gets ``W``; with ``scale=True`` divided by ``N``, so
+      ``N`` identical inputs give exactly the original output. ``scale=False`` is
+      the plain ``W.repeat(1, N, 1, 1)``.
+    * ``"zero"``: input 1 keeps ``W``, the others get zeros: the output equals the
+      original model's on input 1, whatever the other inputs hold (finite values).
+    * ``"average"``: every channel gets the channel mean of ``W`` rescaled so that a
+      constant input gives the original response (divided by ``N`` with ``scale``).
+    * a callable ``fn(kernel, i, channels_i)`` returning the block of input ``i``,
+      where ``kernel`` is ``(out, C, outer, inner, *k)`` (see :mod:`inflate.weights`).
+
+    Bias, dtype, device, ``requires_grad``, memory format, stride, padding,
+    dilation and padding mode are kept; grouped or depthwise input convs become the
+    equivalent dense conv (``groups=1``). A timm ``pretrained_cfg`` gets the new
+    ``in_chans``/``input_size`` and per-input ``mean``/``std``. Build optimizers
+    after inflating: the inflated layers hold new ``Parameter`` objects.
+
+    Args:
+        model: the network; ``DataParallel``/DDP/``torch.compile`` wrappers are looked
+            through (the wrapper is returned).
+        num_inputs: ``N``, the number of inputs.
+        init: ``"repeat"``, ``"zero"``, ``"average"`` or a callable.
+        scale: divide by ``N`` for ``"repeat"`` and ``"average"``.
+        channels: channel count of each input, e.g. ``(3, 2, 1)`` for RGB + flow +
+            depth; default ``C`` for each. Inputs with another count than ``C`` get
+            the ``"average"`` rule (under ``"zero"``, only input 1 is non-zero).
+        layers: the names you expect to be widened. If the model can be traced they
+            must equal the discovered ones (a check); if it cannot, these layers are
+            widened as plain conv/linear layers and exactness is your responsibility.
+        example_input: a tensor ``(B, C, ...)`` the model accepts; only shape and dtype
+            are used (the trace runs on the meta device).
+
+    Returns:
+        ``model`` itself, changed in place.
+
+    Raises:
+        InflateError: invalid arguments, or a layer that cannot be widened exactly
+            (weight standardization, channel-specific input transforms, ...). The
+            model is then unchanged.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from inflate import inflate_first_conv
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> x1, x2 = torch.randn(2, 1, 3, 16, 16)
+        >>> before = net(x1)
+        >>> inflate_first_conv(net, 2, init="zero")[0]
+        Conv2d(6, 8, kernel_size=(3, 3), stride=(1, 1))
+        >>> torch.allclose(net(torch.cat([x1, x2], dim=1)), before, atol=1e-6)
+        True
+    """
+    _validate(num_inputs, init, scale, channels, layers, example_input)
+    target = unwrap(model)
+    found = _input_layers(target, layers, example_input)
+    c = found[0].channels
+    counts = tuple(channels) if channels is not None else (c,) * num_inputs
+    changes = surgery.plan(target, found, counts, init, scale)
+    surgery.apply(changes)
+    update_pretrained_cfg(target, counts)
+    return model

@@ -1,0 +1,86 @@
+"""Replace the weights of the input layers atomically: plan every change first, apply only if all succeed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .discovery import InputLayer
+from .errors import InflateError
+from .weights import Init, from_canonical, inflate_kernel, to_canonical
+
+__all__ = ["Change", "plan", "apply"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One planned replacement: a new weight and the module attributes that describe it."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    weight: nn.Parameter
+    attrs: dict[str, Any]
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.ndim == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _plan_one(model: nn.Module, layer: InputLayer, channels: Sequence[int], init: Init, scale: bool) -> Change:
+    module = model.get_submodule(layer.name)
+    old = getattr(module, layer.param)
+    label = f"layer '{layer.name}' ({type(module).__name__})"
+    if not isinstance(old, nn.Parameter):
+        raise InflateError(f"{label}: expected its weight '{layer.param}' to be a Parameter, "
+                           f"got {type(old).__name__}")
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise InflateError(f"{label}: expected a plain weight, found a parametrization; remove it first")
+    is_conv = isinstance(module, nn.modules.conv._ConvNd)
+    if layer.layout.groups > 1 and not is_conv:
+        raise InflateError(f"{label}: expected groups=1 for a layer that is not an nn.Conv module, "
+                           f"got groups={layer.layout.groups}")
+    with torch.no_grad():
+        kernel = to_canonical(old.detach(), layer.layout)
+        if kernel.shape[1] != layer.channels:
+            raise InflateError(f"{label}: expected {layer.channels} input channels in its weight, "
+                               f"found {kernel.shape[1]} (weight shape {tuple(old.shape)})")
+        stored = from_canonical(inflate_kernel(kernel, channels, init, scale), layer.layout)
+        stored = stored.to(dtype=old.dtype, device=old.device).contiguous(memory_format=_memory_format(old))
+    attrs: dict[str, Any] = {}
+    in_axis = 0 if layer.layout.kind == "transposed" else 1
+    if is_conv:
+        attrs = {"in_channels": stored.shape[in_axis], "groups": 1}
+    elif isinstance(module, nn.Linear):
+        attrs = {"in_features": stored.shape[1]}
+    else:
+        attrs = {k: stored.shape[in_axis] for k in ("in_channels", "in_features")
+                 if isinstance(getattr(module, k, None), int)}
+    return Change(layer.name, module, layer.param, nn.Parameter(stored, requires_grad=old.requires_grad), attrs)
+
+
+def plan(
+    model: nn.Module, layers: Sequence[InputLayer], channels: Sequence[int], init: Init, scale: bool
+) -> list[Change]:
+    """Compute every new weight; touches nothing.
+
+    Raises:
+        InflateError: a layer cannot be inflated; nothing was changed.
+    """
+    return [_plan_one(model, layer, channels, init, scale) for layer in layers]
+
+
+def apply(changes: Sequence[Change]) -> None:
+    """Swap in the planned weights (attribute assignments only, which do not fail)."""
+    for change in changes:
+        setattr(change.module, change.attr, change.weight)
+        for key, value in change.attrs.items():
+            setattr(change.module, key, value)

@@ -1,0 +1,218 @@
+"""Assertions that an inflated model is equivalent to the original, with helpful messages."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..discovery import unwrap
+from ..inflation import inflate_first_conv
+
+__all__ = [
+    "Report",
+    "assert_repeat_equivalent",
+    "assert_zero_inflation_equivalent",
+    "check_inflation",
+    "default_rtol",
+]
+
+# Relative L2 tolerances. Both models compute the same sums, reordered or padded with
+# exact zeros (zero rule) or split into N exact-ish parts (repeat rule): the error is
+# a few ulps per accumulation, ~sqrt(K)*eps for K-term sums. With eps = 2.2e-16 in
+# float64 and K up to ~1e5 that is ~1e-13; 1e-10 leaves a 1000x margin and still catches
+# a single weight perturbed by one part in a million in a 3x3x3 kernel. float32
+# (eps 1.2e-7) gets 1e-4, the half types (eps ~1e-3) 2e-2.
+_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """The default relative tolerance for ``dtype`` (see the module comment for why).
+
+    Example:
+        >>> default_rtol(torch.float64)
+        1e-10
+    """
+    return _RTOL.get(dtype, 1e-4)
+
+
+@dataclass
+class Report:
+    """Relative L2 differences found by a check, per compared place (``"output"`` and layer names)."""
+
+    diffs: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def max_relative_diff(self) -> float:
+        """The largest relative difference over all compared places."""
+        return max(self.diffs.values(), default=0.0)
+
+
+def _relative_diff(got: Tensor, expected: Tensor) -> float:
+    scale = expected.norm().item()
+    return (got - expected).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def _describe(place: str, got: Tensor, expected: Tensor, rel: float, rtol: float) -> str:
+    diff = (got - expected).abs().nan_to_num(float("inf"))
+    idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return (f"{place}: relative L2 difference {rel:.3e} > rtol {rtol:.1e}; largest at index {idx}: "
+            f"expected {expected[idx].item():.6g}, got {got[idx].item():.6g} (|diff| {diff[idx].item():.3e})")
+
+
+@contextmanager
+def _capture(model: nn.Module, names: Sequence[str], store: dict[str, Tensor]) -> Iterator[None]:
+    target = unwrap(model)
+    handles = []
+    for name in names:
+        def hook(_: nn.Module, __: Any, out: Any, name: str = name) -> None:
+            store[name] = out
+        handles.append(target.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _compare(original: nn.Module, inflated: nn.Module, x_original: Tensor, x_inflated: Tensor,
+             layers: Sequence[str], rtol: float | None) -> Report:
+    rtol = default_rtol(x_original.dtype) if rtol is None else rtol
+    seen_a: dict[str, Tensor] = {}
+    seen_b: dict[str, Tensor] = {}
+    with torch.no_grad(), _capture(original, layers, seen_a), _capture(inflated, layers, seen_b):
+        expected, got = original(x_original), inflated(x_inflated)
+    report, problems = Report(), []
+    pairs = [(f"layer '{n}'", seen_b[n], seen_a[n]) for n in layers if n in seen_a and n in seen_b]
+    pairs.append(("output", got, expected))
+    for place, g, e in pairs:
+        if g.shape != e.shape:
+            problems.append(f"{place}: expected shape {tuple(e.shape)}, got {tuple(g.shape)}")
+            continue
+        rel = report.diffs[place] = _relative_diff(g, e)
+        if not rel <= rtol:  # also catches NaN
+            problems.append(_describe(place, g, e, rel, rtol))
+    if problems:
+        raise AssertionError("inflated model is not equivalent:\n  " + "\n  ".join(problems))
+    return report
+
+
+def assert_zero_inflation_equivalent(
+    original: nn.Module,
+    inflated: nn.Module,
+    inputs: Sequence[Tensor],
+    *,
+    layers: Sequence[str] = (),
+    rtol: float | None = None,
+) -> Report:
+    """Assert ``inflated(cat(inputs))`` equals ``original(inputs[0])``, whatever ``inputs[1:]`` hold.
+
+    This is the guarantee of ``init="zero"``.
+
+    Args:
+        original: the model before inflation.
+        inflated: the model after inflation.
+        inputs: one tensor ``(B, C_i, ...)`` per input; concatenated along channels.
+        layers: module names to compare as well (the widened layers): a normalization
+            right after the stem can hide a stem error at the output.
+        rtol: relative L2 tolerance; default :func:`default_rtol` of the input dtype.
+
+    Returns:
+        The relative differences found.
+
+    Raises:
+        AssertionError: naming the place, the relative difference and the worst element.
+
+    Example:
+        >>> import copy, torch.nn as nn
+        >>> from inflate import inflate_first_conv
+        >>> net = nn.Conv2d(3, 4, 3).double()
+        >>> wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero")
+        >>> x1, x2 = torch.randn(2, 1, 3, 8, 8, dtype=torch.float64)
+        >>> assert_zero_inflation_equivalent(net, wide, [x1, x2]).max_relative_diff < 1e-12
+        True
+    """
+    return _compare(original, inflated, inputs[0], torch.cat(list(inputs), dim=1), layers, rtol)
+
+
+def assert_repeat_equivalent(
+    original: nn.Module,
+    inflated: nn.Module,
+    x: Tensor,
+    num_inputs: int,
+    *,
+    layers: Sequence[str] = (),
+    rtol: float | None = None,
+) -> Report:
+    """Assert ``inflated`` on ``num_inputs`` copies of ``x`` equals ``original(x)``.
+
+    This is the guarantee of ``init="repeat"`` with ``scale=True``.
+
+    Example:
+        >>> import copy, torch.nn as nn
+        >>> from inflate import inflate_first_conv
+        >>> net = nn.Conv1d(2, 4, 3).double()
+        >>> wide = inflate_first_conv(copy.deepcopy(net), 3, init="repeat")
+        >>> assert_repeat_equivalent(net, wide, torch.randn(1, 2, 9, dtype=torch.float64), 3).diffs["output"] < 1e-12
+        True
+    """
+    return _compare(original, inflated, x, torch.cat([x] * num_inputs, dim=1), layers, rtol)
+
+
+def check_inflation(
+    model: nn.Module,
+    num_inputs: int = 2,
+    *,
+    init: str = "zero",
+    example_input: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    rtol: float | None = None,
+) -> Report:
+    """Copy ``model``, inflate the copy, run both on random inputs and assert the guarantee.
+
+    ``init="zero"`` checks that the extra inputs are ignored (they get random values);
+    ``init="repeat"`` (scaled) checks that ``num_inputs`` identical inputs give the
+    original output. Both models run in ``eval`` mode in ``dtype`` (float64
+    recommended), and are compared at every widened layer and at the output.
+
+    Args:
+        model: your network (not modified).
+        num_inputs: ``N``.
+        init: ``"zero"`` or ``"repeat"``.
+        example_input: a tensor ``(B, C, ...)`` the model accepts; its shape is used for
+            the random inputs. Default: the shape :func:`inflate.find_input_layers` guesses.
+        dtype: the dtype both models run in.
+        seed: seed of the random inputs.
+        rtol: relative L2 tolerance; default :func:`default_rtol` of ``dtype``.
+
+    Returns:
+        The relative differences found.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv3d(1, 4, 3), nn.BatchNorm3d(4), nn.ReLU())
+        >>> check_inflation(net, 4, init="repeat", example_input=torch.zeros(2, 1, 6, 6, 6)).diffs.keys()
+        dict_keys(["layer '0'", 'output'])
+    """
+    from ..discovery import default_example_inputs, discover
+
+    if init not in ("zero", "repeat"):
+        raise ValueError(f"init: expected 'zero' or 'repeat', got {init!r}")
+    original = copy.deepcopy(unwrap(model)).to(dtype).eval()
+    shape = tuple(example_input.shape) if example_input is not None else tuple(default_example_inputs(original)[0].shape)
+    found = discover(original, torch.empty(shape, dtype=dtype, device="meta"))
+    found.raise_problems()
+    inflated = inflate_first_conv(copy.deepcopy(original), num_inputs, init=init,
+                                  example_input=torch.empty(shape, dtype=dtype, device="meta"))
+    names = [layer.name for layer in found.layers]
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(num_inputs)]
+    if init == "zero":
+        return assert_zero_inflation_equivalent(original, inflated, xs, layers=names, rtol=rtol)
+    return assert_repeat_equivalent(original, inflated, xs[0], num_inputs, layers=names, rtol=rtol)
