@@ -206,6 +206,13 @@ def propagate(
     if name == "__getitem__" and len(results) == 1:
         dim = _getitem_dim(src, args[1], tag)
         return Lost("indexing into the channel axis") if dim is None else Channels(dim, tag.outer, tag.inner)
+    if name in ("pixel_unshuffle", "pixel_shuffle") and tag.dim == src.ndim - 3:
+        r2 = (args[1] if len(args) > 1 else kwargs.get("downscale_factor", kwargs.get("upscale_factor"))) ** 2
+        if name == "pixel_unshuffle":  # channel c becomes channels c*r*r + i
+            return Channels(tag.dim, tag.outer, tag.inner * r2)
+        if tag.inner % r2 == 0:
+            return Channels(tag.dim, tag.outer, tag.inner // r2)
+        return Lost("pixel_shuffle that mixes channels into space")
     if name in _SPLIT:
         dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % src.ndim
         return tag if dim != tag.dim else Lost(f"{name} of the channel axis")

@@ -126,7 +126,7 @@ class _Tracer(TorchFunctionMode):
             self.problems.append(f"layer {where} reads the input only after {tag.why}, which mixes or "
                                  "transforms channels in a way inflate cannot follow")
             return
-        if not owners:
+        if not owners or "parametrizations" in owners[0][0].split("."):
             self.problems.append(
                 f"layer {where} computes its {name} weight during forward (weight standardization, weight "
                 "norm or a parametrization): widening the stored weight would not give an exact model"

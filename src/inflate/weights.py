@@ -154,7 +154,7 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
         raise InflateError(f"init: expected one of {RULES} or a callable, got {init!r}")
     out, c, *rest = kernel.shape
     n = len(channels)
-    factor = 1.0 / n if scale and init in ("repeat", "average") else 1.0
+    divisor = n if scale and init in ("repeat", "average") else 1
     blocks = []
     for i, ci in enumerate(channels):
         if callable(init):
@@ -164,7 +164,7 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
             blocks.append(kernel.new_zeros((out, ci, *rest)))
         elif init == "average" or ci != c:
             mean = kernel.sum(1, keepdim=True) / ci
-            blocks.append((mean * factor).expand(out, ci, *rest))
+            blocks.append((mean / divisor).expand(out, ci, *rest))
         else:
-            blocks.append(kernel * factor if factor != 1.0 else kernel)
+            blocks.append(kernel / divisor if divisor != 1 else kernel)
     return torch.cat(blocks, dim=1)

@@ -1,0 +1,142 @@
+"""Discovery follows the data: which layers read the input, and what is refused."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from inflate import InflateError, find_input_layers
+from inflate.discovery import discover
+
+from . import models
+
+X = torch.zeros(2, 3, 16, 16)
+
+
+def test_plain_and_multi_branch_stems():
+    assert find_input_layers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))) == ["0"]
+    assert find_input_layers(models.Branches(), X) == ["k3", "k1", "pool_conv"]
+
+
+@pytest.mark.parametrize(
+    ("module", "x"),
+    [
+        (nn.Conv1d(2, 4, 3), torch.zeros(1, 2, 10)),
+        (nn.Conv3d(2, 4, 3), torch.zeros(1, 2, 5, 6, 7)),
+        (nn.ConvTranspose2d(2, 4, 3, stride=2), torch.zeros(1, 2, 5, 5)),
+        (nn.Conv2d(4, 8, 3, groups=4), torch.zeros(1, 4, 5, 5)),
+        (nn.Linear(6, 3), torch.zeros(2, 6)),
+    ],
+)
+def test_every_layer_kind(module, x):
+    assert find_input_layers(nn.Sequential(module), x) == ["0"]
+
+
+def test_linear_patch_embedding_layouts():
+    found = discover(models.PatchLinear(), X).layers
+    assert [(f.name, f.layout.kind, f.layout.outer, f.layout.inner) for f in found] == [("embed", "linear", 16, 1)]
+    found = discover(models.PatchLinear(pattern="b c (h p1) (w p2) -> b (h w) (c p1 p2)"), X).layers
+    assert (found[0].layout.outer, found[0].layout.inner) == (1, 16)
+
+
+@pytest.mark.parametrize(("unshuffle", "outer", "inner"), [(False, 4, 1), (True, 1, 4)])
+def test_space_to_depth_stems_are_followed(unshuffle, outer, inner):
+    # TResNet's view/permute puts the 2x2 offsets before the channels, pixel_unshuffle after
+    (found,) = discover(models.SpaceToDepth(unshuffle=unshuffle), X).layers
+    assert (found.name, found.layout.outer, found.layout.inner, found.channels) == ("conv", outer, inner, 3)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (nn.Sequential(models.StdConv(3, 4, 3)), r"layer '0' \(StdConv\) computes its conv2d weight during forward"),
+        (models.Normalized(), r"per-channel operand of shape \(1, 3, 1, 1\)"),
+        (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), r"reads the input only after batch_norm"),
+        (models.Shared(), r"layer 'conv' reads the input and also other tensors"),
+        (models.InputSkip(), r"cat of the input with other tensors"),
+        (models.PatchLinear(norm=True), r"after layer_norm"),
+        (nn.Sequential(nn.Conv2d(3, 3, 1), nn.Identity()), None),
+    ],
+)
+def test_refusals_name_the_layer_and_the_reason(model, message):
+    if message is None:  # control: a plain model is accepted
+        assert find_input_layers(model, X) == ["0"]
+        return
+    with pytest.raises(InflateError, match=message):
+        find_input_layers(model, X)
+
+
+def test_input_reaching_the_output_directly_is_refused():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) + x.mean()
+
+    with pytest.raises(InflateError, match="model output depends on the input through mean"):
+        find_input_layers(Skip(), X)
+
+
+def test_parametrized_weights_are_refused():
+    conv = nn.Conv2d(3, 4, 3)
+    parametrize.register_parametrization(conv, "weight", nn.Identity())
+    with pytest.raises(InflateError, match="computes its conv2d weight"):
+        find_input_layers(nn.Sequential(conv), X)
+    normed = parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(InflateError, match="weight norm"):
+        find_input_layers(nn.Sequential(normed), X)
+
+
+def test_lazy_modules_are_refused():
+    with pytest.raises(InflateError, match="lazy module '0'"):
+        find_input_layers(nn.Sequential(nn.LazyConv2d(4, 3)), X)
+
+
+def test_torchvision_transform_input_is_refused():
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.googlenet(init_weights=False, aux_logits=False, transform_input=True)
+    with pytest.raises(InflateError, match="indexing into the channel axis"):
+        find_input_layers(net, torch.zeros(2, 3, 64, 64))
+    net.transform_input = False
+    assert find_input_layers(net, torch.zeros(2, 3, 64, 64)) == ["conv1.conv"]
+
+
+def test_data_dependent_models_fall_back_to_one_real_run():
+    with pytest.raises(InflateError, match="pass example_input"):
+        find_input_layers(models.DataDependent())
+    assert find_input_layers(models.DataDependent(), torch.randn(1, 3, 8, 8)) == ["conv"]
+
+
+def test_discovery_changes_nothing_and_leaves_no_hooks():
+    model = models.Branches().train()
+    before = copy.deepcopy(model.state_dict())
+    find_input_layers(model, X)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats untouched in train mode
+    assert model.training
+    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_wrappers_are_looked_through():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert find_input_layers(nn.DataParallel(net), X) == ["0"]
+    assert find_input_layers(torch.compile(net, backend="eager"), X) == ["0"]
+
+
+def test_functional_use_of_a_parameter_is_followed():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+        def forward(self, x):
+            return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), self.kernel)
+
+    (found,) = discover(Functional(), X).layers
+    assert (found.name, found.param) == ("", "kernel")

@@ -1,0 +1,113 @@
+"""inflate.testing checks itself: deliberately wrong inflations must be caught, with a useful message."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from torch import nn
+
+from inflate import inflate_first_conv
+from inflate.testing import (
+    assert_repeat_equivalent,
+    assert_zero_inflation_equivalent,
+    check_inflation,
+    conv_nets,
+    default_rtol,
+)
+
+pytest_plugins = ["pytester"]
+D = torch.float64
+
+
+def _pair():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1)).to(D).eval()
+    wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero")
+    xs = list(torch.randn(2, 2, 3, 8, 8, dtype=D))
+    return net, wide, xs
+
+
+def test_a_correct_inflation_passes_and_reports_per_place():
+    net, wide, xs = _pair()
+    report = assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+    assert set(report.diffs) == {"layer '0'", "output"} and report.max_relative_diff < 1e-14
+
+
+def test_one_perturbed_weight_is_caught_with_where_and_how_much():
+    net, wide, xs = _pair()
+    with torch.no_grad():
+        wide[0].weight[2, 1, 0, 0] += 1e-6
+    with pytest.raises(AssertionError) as info:
+        assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+    message = str(info.value)
+    assert "layer '0': relative L2 difference" in message and "largest at index (" in message
+    assert "> rtol 1.0e-10" in message and "output:" in message
+
+
+def test_a_changed_bias_is_caught():
+    net, wide, xs = _pair()
+    with torch.no_grad():
+        wide[0].bias[0] += 1e-7
+    with pytest.raises(AssertionError, match=r"layer '0'"):
+        assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+
+
+def test_the_wrong_input_slot_is_caught():
+    net, _, xs = _pair()
+    swapped = inflate_first_conv(copy.deepcopy(net), 2, init=lambda k, i, c: k * 0 if i == 0 else k)
+    with pytest.raises(AssertionError, match="output: relative L2 difference"):
+        assert_zero_inflation_equivalent(net, swapped, xs)  # the kernel reads slot 2 instead of slot 1
+
+
+def test_unscaled_repeat_fails_the_repeat_guarantee():
+    net, _, xs = _pair()
+    wide = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", scale=False)
+    with pytest.raises(AssertionError):
+        assert_repeat_equivalent(net, wide, xs[0], 2)
+
+
+def test_shape_mismatch_is_reported():
+    net, _, xs = _pair()
+    other = nn.Sequential(nn.Conv2d(6, 6, 3), nn.Flatten()).to(D)
+    with pytest.raises(AssertionError, match=r"output: expected shape \(2, 2, 6, 6\), got \(2, 216\)"):
+        assert_zero_inflation_equivalent(net, other, xs)
+
+
+def test_default_tolerances_per_dtype():
+    assert default_rtol(torch.float64) == 1e-10
+    assert default_rtol(torch.float32) == 1e-4
+    assert default_rtol(torch.float16) == default_rtol(torch.bfloat16) == 2e-2
+
+
+def test_check_inflation_does_not_touch_the_model_and_catches_a_broken_rule(monkeypatch):
+    net, _, _ = _pair()
+    state = copy.deepcopy(net.state_dict())
+    assert check_inflation(net, 3, init="repeat", example_input=torch.zeros(1, 3, 8, 8)).max_relative_diff < 1e-12
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    import inflate.weights as weights
+
+    real = weights.inflate_kernel
+    monkeypatch.setattr("inflate.surgery.inflate_kernel",
+                        lambda k, ch, init, scale: real(k, ch, init, scale) * (1 + 1e-9))
+    with pytest.raises(AssertionError, match="relative L2 difference"):
+        check_inflation(net, 2, init="zero", example_input=torch.zeros(1, 3, 8, 8))
+
+
+@given(conv_nets())
+def test_strategy_networks_run_and_are_in_eval_mode_float64(net):
+    assert not net.training and all(p.dtype == D for p in net.parameters())
+    out = net(torch.randn(1, *net.input_shape, dtype=D))
+    assert torch.isfinite(out).all()
+
+
+def test_pytest_plugin_gives_a_three_line_test(pytester):
+    pytester.makepyfile(
+        """
+        import torch, torch.nn as nn
+        def test_mine(check_inflation):
+            check_inflation(nn.Sequential(nn.Conv2d(3, 4, 3)), 2, example_input=torch.zeros(1, 3, 8, 8))
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -1,0 +1,110 @@
+"""Real architectures with random weights in float64: both equivalences to <= 1e-10 relative.
+
+CI runs a fixed sample that covers every stem family the library claims; the full
+timm and torchvision registries run behind ``-m zoo_full`` and print a summary.
+"""
+
+import pytest
+import torch
+
+from inflate import InflateError, find_input_layers
+
+from .zoo import D, check, outcome
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+# name -> (input shape, extra create_model kwargs, what it covers)
+TIMM_SAMPLE = {
+    "resnet18": ((3, 64, 64), {}, "plain 7x7 stem"),
+    "resnet26d": ((3, 64, 64), {}, "deep 3-conv stem"),
+    "tf_efficientnet_lite0": ((3, 64, 64), {}, "TF 'same' padding (F.pad then conv)"),
+    "mobilenetv3_small_050": ((3, 64, 64), {}, "hard-swish stem, SE"),
+    "regnetx_002": ((3, 64, 64), {}, "RegNet stem"),
+    "convnext_atto": ((3, 64, 64), {}, "4x4 patchify conv + LayerNorm2d"),
+    "vit_tiny_patch16_224": ((3, 64, 64), {"img_size": 64}, "conv patch embedding, ViT"),
+    "swin_tiny_patch4_window7_224": ((3, 112, 112), {"img_size": 112}, "patch embedding + windows"),
+    "repvgg_a0": ((3, 64, 64), {}, "multi-branch stem (3x3 + 1x1)"),
+    "mobileone_s0": ((3, 64, 64), {}, "multi-branch reparam stem"),
+    "fastvit_t8": ((3, 64, 64), {}, "MobileOne-block stem"),
+    "crossvit_tiny_240": ((3, 240, 240), {}, "two patch embeddings at different scales"),
+    "tresnet_m": ((3, 64, 64), {}, "space-to-depth stem"),
+    "levit_128s": ((3, 224, 224), {}, "conv stem of a hybrid"),
+    "ghostnet_050": ((3, 64, 64), {}, "ghost module"),
+    "dla34": ((3, 64, 64), {}, "DLA base layer"),
+    "inception_v3": ((3, 96, 96), {}, "Inception stem"),
+}
+REFUSED = {
+    "nf_resnet26": "ScaledStdConv2d",
+    "resnetv2_50x1_bit": "StdConv2d",
+}
+TV_SAMPLE = {
+    "resnet18": (3, 64, 64),
+    "mobilenet_v3_small": (3, 64, 64),
+    "squeezenet1_1": (3, 64, 64),
+    "shufflenet_v2_x0_5": (3, 64, 64),
+    "mnasnet0_5": (3, 64, 64),
+    "regnet_x_400mf": (3, 64, 64),
+    "efficientnet_b0": (3, 64, 64),
+    "densenet121": (3, 64, 64),
+    "googlenet": (3, 64, 64),
+    "swin_t": (3, 64, 64),
+    "vit_b_16": (3, 224, 224),
+    "alexnet": (3, 64, 64),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM_SAMPLE))
+def test_timm_sample(name):
+    shape, kwargs, _ = TIMM_SAMPLE[name]
+    torch.manual_seed(0)
+    diffs = check(timm.create_model(name, **kwargs), shape)
+    assert max(diffs.values()) <= 1e-10, diffs
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_timm_weight_standardized_stems_are_refused(name):
+    model = timm.create_model(name).to(D)
+    with pytest.raises(InflateError, match=rf"\({REFUSED[name]}\) computes its conv2d weight during forward"):
+        find_input_layers(model, torch.zeros(1, 3, 64, 64, dtype=D))
+
+
+@pytest.mark.parametrize("name", list(TV_SAMPLE))
+def test_torchvision_sample(name):
+    torch.manual_seed(0)
+    diffs = check(torchvision.models.get_model(name, weights=None), TV_SAMPLE[name])
+    assert max(diffs.values()) <= 1e-10, diffs
+
+
+def _sweep(names, build, shape_of):
+    counts = {}
+    for name in names:
+        result = outcome(lambda: build(name), shape_of(name))
+        key = result.split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+        print(f"{name:50s} {result}")
+    print("summary:", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), f"(of {len(names)})")
+    return counts
+
+
+@pytest.mark.zoo_full
+def test_full_timm_registry():
+    def build(name):
+        try:
+            return timm.create_model(name, img_size=64)
+        except TypeError:
+            return timm.create_model(name)
+
+    def shape(name):
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+        fixed = getattr(cfg, "fixed_input_size", False)
+        return size if fixed else (size[0], 64, 64)
+
+    _sweep(timm.list_models(), build, shape)  # silently wrong models raise AssertionError inside
+
+
+@pytest.mark.zoo_full
+def test_full_torchvision_classification_zoo():
+    names = torchvision.models.list_models(module=torchvision.models)
+    _sweep(names, lambda n: torchvision.models.get_model(n, weights=None), lambda n: (3, 224, 224))
