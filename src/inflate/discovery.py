@@ -1,8 +1,7 @@
 """Which layers read the model input, found by following the data.
 
 The model runs once on the **meta device** (shapes only: no memory, no real
-compute) with every parameter and buffer swapped for a meta twin by
-:func:`torch.func.functional_call`; the model itself is never copied or
+compute; see :mod:`inflate.tracing`); the model itself is never copied or
 changed. A :class:`~torch.overrides.TorchFunctionMode` tags the input and
 follows its channel axis through every operation (:mod:`inflate.dataflow`).
 Every convolution or linear layer that receives a tagged tensor reads the input.
@@ -10,21 +9,18 @@ Every convolution or linear layer that receives a tagged tensor reads the input.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from . import dataflow
 from .dataflow import Channels, Lost, Tag
 from .errors import InflateError
+from .tracing import Owners, Tracer, trace, unwrap
 from .weights import KernelLayout
 
-__all__ = ["InputLayer", "Discovery", "discover", "find_input_layers", "unwrap"]
+__all__ = ["InputLayer", "Discovery", "discover", "find_input_layers"]
 
 
 @dataclass(frozen=True)
@@ -57,32 +53,28 @@ class Discovery:
             raise InflateError("cannot inflate exactly:\n  - " + "\n  - ".join(dict.fromkeys(self.problems)))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module under ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+class _InputTracer(Tracer):
+    """Tags the input and follows its channel axis to the layers that read it."""
 
-
-def _module_label(name: str, module: nn.Module) -> str:
-    return f"'{name or '<root>'}' ({type(module).__name__})"
-
-
-class _Tracer(TorchFunctionMode):
-    def __init__(self, owners: dict[int, list[tuple[str, str]]], modules: dict[int, str], channels: int) -> None:
-        super().__init__()
-        self.owners = owners  # id(param tensor) -> [(module name, attribute)]
-        self.modules = modules  # id(module) -> name
-        self.channels = channels
+    def __init__(self, owners: Owners, modules: dict[int, str]) -> None:
+        super().__init__(owners, modules)
+        self.channels = 0
         self.tags: dict[int, tuple[Tensor, Tag]] = {}  # keeps tensors alive so ids stay unique
-        self.stack: list[str] = []
         self.found: dict[str, InputLayer] = {}
         self.elsewhere: set[str] = set()  # input layers whose weight also reads other tensors
         self.problems: list[str] = []
+
+    def start(self, x: Tensor) -> None:
+        self.channels = int(x.shape[1])
+        self.mark(x, Channels(1))
+
+    def finish(self, out: Any) -> None:
+        for t in dataflow._tensors(out):
+            tag = self.tag(t)
+            if tag is not None:
+                how = tag.why if isinstance(tag, Lost) else "channel-wise operations only"
+                self.problems.append(f"the model output depends on the input through {how}, not through a "
+                                     "layer inflate can widen")
 
     def tag(self, tensor: Tensor) -> Tag | None:
         entry = self.tags.get(id(tensor))
@@ -103,11 +95,12 @@ class _Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if dataflow.is_fresh(func) or not dataflow._tensors(out):
             return out
-        if any(self.tag(t) is not None for t in dataflow._tensors((args, kwargs))):
+        seen = [self.tag(t) for t in dataflow._tensors((args, kwargs))]
+        if any(t is not None for t in seen):
             if name in dataflow.CONSUMERS:
                 return out  # a weight layer's output no longer carries input channels
             tag = dataflow.propagate(func, args, kwargs, out, self.tag, self.channels)
-            if isinstance(tag, Lost) and not tag.why.endswith(")"):
+            if isinstance(tag, Lost) and tag not in seen:  # lost here: say where
                 tag = Lost(tag.why + self.where())
             self.mark(out, tag)
         return out
@@ -150,125 +143,13 @@ class _Tracer(TorchFunctionMode):
             self.problems.append(f"layer '{module_name}' reads the input in two different layouts")
 
 
-@contextmanager
-def _module_stack(tracer: _Tracer) -> Iterator[None]:
-    def pre(module: nn.Module, _: Any) -> None:
-        name = tracer.modules.get(id(module), "?")
-        tracer.stack.append(_module_label(name, module))
-
-    def post(module: nn.Module, _: Any, __: Any) -> None:
-        tracer.stack.pop()
-
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(pre),
-        nn.modules.module.register_module_forward_hook(post, always_call=True),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def default_example_inputs(model: nn.Module) -> list[Tensor]:
-    """Meta tensors of plausible input shapes, tried in order.
-
-    ``C`` comes from the first conv or linear layer, then from a timm
-    ``pretrained_cfg``; the spatial size from that ``pretrained_cfg`` (else 224).
-    """
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
-    if first is None:
-        raise InflateError("example_input: expected a model with a Conv or Linear layer to guess the input "
-                           f"shape from, found none in {type(model).__name__}; pass example_input")
-    dtype = first.weight.dtype
-    if isinstance(first, nn.Linear):
-        return [torch.empty(2, first.in_features, device="meta", dtype=dtype)]
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
-    dims = len(first.kernel_size)
-    spatial = {1: (256,), 2: cfg_size[1:] if len(cfg_size) == 3 else (224, 224), 3: (16, 112, 112)}[dims]
-    counts = dict.fromkeys([first.in_channels] + ([cfg_size[0]] if len(cfg_size) == 3 else []))
-    return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
-
-
-def _twins(model: nn.Module, device: str | None) -> tuple[dict[str, Tensor], dict[int, list[tuple[str, str]]]]:
-    """Stand-ins for every parameter and buffer (meta twins, or clones of the buffers)."""
-    twins: dict[int, Tensor] = {}
-    state: dict[str, Tensor] = {}
-    owners: dict[int, list[tuple[str, str]]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for attr, p in module.named_parameters(recurse=False):
-            if id(p) not in twins:
-                twins[id(p)] = torch.empty_like(p, device="meta") if device == "meta" else p
-                owners[id(twins[id(p)])] = []
-            full = f"{mod_name}.{attr}" if mod_name else attr
-            state[full] = twins[id(p)]
-            if (mod_name, attr) not in owners[id(twins[id(p)])] and not any(
-                o[0] == mod_name for o in owners[id(twins[id(p)])]
-            ):
-                owners[id(twins[id(p)])].append((mod_name, attr))
-        for attr, b in module.named_buffers(recurse=False):
-            if b is not None and id(b) not in twins:
-                twins[id(b)] = torch.empty_like(b, device="meta") if device == "meta" else b.clone()
-            if b is not None:
-                state[f"{mod_name}.{attr}" if mod_name else attr] = twins[id(b)]
-    return state, owners
-
-
-def _run(model: nn.Module, example: Tensor, device: str | None) -> _Tracer:
-    state, owners = _twins(model, device)
-    modules = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    x = torch.empty_like(example, device="meta") if device == "meta" else example.detach()
-    if x.ndim < 2:
-        raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
-    tracer = _Tracer(owners, modules, channels=int(x.shape[1]))
-    tracer.mark(x, Channels(1))
-    with torch.no_grad(), _module_stack(tracer), tracer:
-        out = torch.func.functional_call(model, state, (x,), tie_weights=False, strict=False)
-    for t in dataflow._tensors(out):
-        tag = tracer.tag(t)
-        if tag is not None:
-            how = tag.why if isinstance(tag, Lost) else "channel-wise operations only"
-            tracer.problems.append(f"the model output depends on the input through {how}, not through a layer "
-                                   "inflate can widen")
-    return tracer
-
-
 def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery:
-    """Trace ``model`` once and report the layers that read its input.
-
-    Runs on the meta device; if the forward cannot run there (data-dependent
-    control flow, tensors kept outside parameters and buffers), it runs once for
-    real under ``torch.no_grad()`` on ``example_input`` with cloned buffers, so
-    running statistics are not touched.
+    """Trace ``model`` once (see :mod:`inflate.tracing`) and report the layers that read its input.
 
     Raises:
         InflateError: the model cannot be run on the example input, or is lazy.
     """
-    model = unwrap(model)
-    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
-            and m.has_uninitialized_params()]  # type: ignore[operator]
-    if lazy:
-        raise InflateError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
-                           "ones; run one forward pass before inflating")
-    examples = default_example_inputs(model) if example_input is None else [example_input]
-    for attempt, example in enumerate(examples, 1):
-        try:
-            tracer = _run(model, example, "meta")
-            break
-        except InflateError:
-            raise
-        except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
-            if not example.is_meta:
-                try:
-                    tracer = _run(model, example, None)
-                    break
-                except Exception as error:
-                    raise InflateError(f"the model could not run on example_input of shape "
-                                       f"{tuple(example.shape)} ({type(error).__name__}: {error})") from error
-            if attempt == len(examples):
-                raise InflateError(f"the model could not run on an example input of shape "
-                                   f"{tuple(example.shape)} ({type(meta_error).__name__}: {meta_error}); "
-                                   "pass example_input") from meta_error
+    tracer = trace(unwrap(model), example_input, _InputTracer)
     found = Discovery(list(tracer.found.values()), list(tracer.problems))
     for layer in found.layers:
         if layer.name in tracer.elsewhere:

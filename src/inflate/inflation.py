@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import surgery
-from .discovery import InputLayer, discover, unwrap
+from .discovery import InputLayer, discover
+from .tracing import unwrap
 from .errors import InflateError
 from .timm_config import update_pretrained_cfg
 from .weights import RULES, Init, KernelLayout

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..discovery import unwrap
+from ..tracing import unwrap
 from ..inflation import inflate_first_conv
 
 __all__ = [
@@ -200,7 +200,8 @@ def check_inflation(
         >>> check_inflation(net, 4, init="repeat", example_input=torch.zeros(2, 1, 6, 6, 6)).diffs.keys()
         dict_keys(["layer '0'", 'output'])
     """
-    from ..discovery import default_example_inputs, discover
+    from ..discovery import discover
+    from ..tracing import default_example_inputs
 
     if init not in ("zero", "repeat"):
         raise ValueError(f"init: expected 'zero' or 'repeat', got {init!r}")

@@ -1,0 +1,175 @@
+"""Run a model once on the meta device while a TorchFunctionMode watches every tensor operation.
+
+Every parameter and buffer is swapped for a meta twin by
+:func:`torch.func.functional_call`: no memory, no real compute, and the model is
+neither copied nor changed. If the forward cannot run on meta (data-dependent
+control flow, tensors kept outside parameters and buffers) and a real example
+input was given, it runs once for real under ``torch.no_grad()`` with cloned
+buffers, so running statistics are not touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import InflateError
+
+__all__ = ["Tracer", "trace", "unwrap", "default_example_inputs"]
+
+#: id(parameter stand-in) -> [(module name, attribute)], one entry per owning module.
+Owners = dict[int, list[tuple[str, str]]]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers.
+
+    Example:
+        >>> net = torch.nn.Conv2d(3, 4, 1)
+        >>> unwrap(torch.nn.DataParallel(net)) is net
+        True
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class Tracer(TorchFunctionMode):
+    """Base of the watchers: knows parameter owners, module names and the module call stack."""
+
+    def __init__(self, owners: Owners, modules: dict[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.modules = modules
+        self.stack: list[str] = []  # labels of the modules being called, innermost last
+
+    def start(self, x: Tensor) -> None:
+        """Called with the (meta or real) input before the forward pass."""
+
+    def finish(self, out: Any) -> None:
+        """Called with the model output after the forward pass."""
+
+
+T = TypeVar("T", bound=Tracer)
+
+
+def label(name: str, module: nn.Module) -> str:
+    """``'name' (ClassName)``, the way errors name a module."""
+    return f"'{name or '<root>'}' ({type(module).__name__})"
+
+
+@contextmanager
+def _module_stack(tracer: Tracer) -> Iterator[None]:
+    def pre(module: nn.Module, _: Any) -> None:
+        tracer.stack.append(label(tracer.modules.get(id(module), "?"), module))
+
+    def post(module: nn.Module, _: Any, __: Any) -> None:
+        tracer.stack.pop()
+
+    handles = [
+        nn.modules.module.register_module_forward_pre_hook(pre),
+        nn.modules.module.register_module_forward_hook(post, always_call=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def default_example_inputs(model: nn.Module) -> list[Tensor]:
+    """Meta tensors of plausible input shapes, tried in order.
+
+    ``C`` comes from the first conv or linear layer, then from a timm
+    ``pretrained_cfg``; the spatial size from that ``pretrained_cfg`` (else 224).
+    """
+    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    if first is None:
+        raise InflateError("example_input: expected a model with a Conv or Linear layer to guess the input "
+                           f"shape from, found none in {type(model).__name__}; pass example_input")
+    dtype = first.weight.dtype
+    if isinstance(first, nn.Linear):
+        return [torch.empty(2, first.in_features, device="meta", dtype=dtype)]
+    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
+    dims = len(first.kernel_size)
+    spatial = {1: (256,), 2: cfg_size[1:] if len(cfg_size) == 3 else (224, 224), 3: (16, 112, 112)}[dims]
+    counts = dict.fromkeys([first.in_channels] + ([cfg_size[0]] if len(cfg_size) == 3 else []))
+    return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
+
+
+def _twins(model: nn.Module, meta: bool) -> tuple[dict[str, Tensor], Owners]:
+    """Stand-ins for every parameter and buffer: meta twins, or (real run) the parameters
+    themselves and clones of the buffers."""
+    twins: dict[int, Tensor] = {}
+    state: dict[str, Tensor] = {}
+    owners: Owners = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) not in twins:
+                twins[id(p)] = torch.empty_like(p, device="meta") if meta else p
+                owners[id(twins[id(p)])] = []
+            state[f"{mod_name}.{attr}" if mod_name else attr] = twins[id(p)]
+            entry = owners[id(twins[id(p)])]
+            if all(o[0] != mod_name for o in entry):
+                entry.append((mod_name, attr))
+        for attr, b in module.named_buffers(recurse=False):
+            if b is None:
+                continue
+            if id(b) not in twins:
+                twins[id(b)] = torch.empty_like(b, device="meta") if meta else b.clone()
+            state[f"{mod_name}.{attr}" if mod_name else attr] = twins[id(b)]
+    return state, owners
+
+
+def _run(model: nn.Module, example: Tensor, meta: bool, factory: Callable[[Owners, dict[int, str]], T]) -> T:
+    state, owners = _twins(model, meta)
+    modules = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    x = torch.empty_like(example, device="meta") if meta else example.detach()
+    if x.ndim < 2:
+        raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
+    tracer = factory(owners, modules)
+    tracer.start(x)
+    with torch.no_grad(), _module_stack(tracer), tracer:
+        out = torch.func.functional_call(model, state, (x,), tie_weights=False, strict=False)
+    tracer.finish(out)
+    return tracer
+
+
+def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Owners, dict[int, str]], T]) -> T:
+    """Run ``model`` once under the tracer that ``factory(owners, modules)`` builds.
+
+    Raises:
+        InflateError: the model cannot run on the example input, or has lazy modules.
+    """
+    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params()]  # type: ignore[operator]
+    if lazy:
+        raise InflateError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
+                           "ones; run one forward pass first")
+    examples = default_example_inputs(model) if example_input is None else [example_input]
+    for attempt, example in enumerate(examples, 1):
+        try:
+            return _run(model, example, True, factory)
+        except InflateError:
+            raise
+        except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
+            if not example.is_meta:
+                try:
+                    return _run(model, example, False, factory)
+                except Exception as error:
+                    raise InflateError(f"the model could not run on example_input of shape "
+                                       f"{tuple(example.shape)} ({type(error).__name__}: {error})") from error
+            if attempt == len(examples):
+                raise InflateError(f"the model could not run on an example input of shape "
+                                   f"{tuple(example.shape)} ({type(meta_error).__name__}: {meta_error}); "
+                                   "pass example_input") from meta_error
+    raise AssertionError("unreachable")
