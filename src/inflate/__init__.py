@@ -10,9 +10,24 @@ Example:
     6
 """
 
+from .batchnorm import BatchNormPin, pin_batchnorm
 from .discovery import find_input_layers
 from .errors import InflateError
+from .freeze import FinetuneReport, check_optimizer, finetune, layers
 from .inflation import inflate_first_conv
+from .training import Spike, SpikeMonitor
 
-__all__ = ["InflateError", "find_input_layers", "inflate_first_conv"]
+__all__ = [
+    "BatchNormPin",
+    "FinetuneReport",
+    "InflateError",
+    "Spike",
+    "SpikeMonitor",
+    "check_optimizer",
+    "finetune",
+    "find_input_layers",
+    "inflate_first_conv",
+    "layers",
+    "pin_batchnorm",
+]
 __version__ = "0.1.0"

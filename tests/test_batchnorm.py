@@ -1,0 +1,110 @@
+"""Batch-norm pins survive train()/eval(), can be removed, and guard against tiny batches."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from inflate import InflateError, pin_batchnorm
+
+
+def _net(bn=nn.BatchNorm2d):
+    return nn.Sequential(nn.Conv2d(3, 4, 1), bn(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_pin_survives_train_and_eval(mode):
+    net = _net()
+    pin = pin_batchnorm(net, mode)
+    x = torch.randn(4, 3, 5, 5)
+    for flip in (net.train, net.eval, net.train):
+        flip()
+        assert net[1].training is (mode == "train")
+        before = net[1].num_batches_tracked.item()
+        net(x)
+        assert net[1].num_batches_tracked.item() == before + (mode == "train")
+    pin.remove()
+    net.eval()
+    assert not net[1].training
+    net.train()
+    assert net[1].training  # follows the model again
+
+
+def test_pinned_outputs_equal_between_phases_and_unpinned_ones_differ():
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(1, 3, 6, 6)  # a single-element batch, as in the study
+    with pin_batchnorm(net, "train", small_batch="ignore"):
+        a = net.train()(x)
+        b = net.eval()(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a, b = net.train()(x), net.eval()(x)  # control: without the pin, train and eval differ
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm])
+def test_all_batch_norm_kinds_are_pinned(bn):
+    net = nn.Sequential(bn(4))
+    with pin_batchnorm(net, "eval") as pin:
+        net.train()
+        assert list(pin.modules) == ["0"] and not net[0].training
+
+
+def test_timm_batchnormact_is_pinned():
+    timm = pytest.importorskip("timm")
+    from timm.layers import BatchNormAct2d
+
+    model = timm.create_model("tf_efficientnet_lite0")
+    pin = pin_batchnorm(model, "eval")
+    assert any(isinstance(m, BatchNormAct2d) for m in pin.modules.values())
+    model.train()
+    assert not any(m.training for m in pin.modules.values())
+
+
+def test_no_batch_norm_is_a_no_op():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1))
+    with pin_batchnorm(net, "train") as pin:
+        assert pin.modules == {}
+        net.eval()
+        assert not net.training
+
+
+def test_pinned_models_deepcopy_and_pickle():
+    net = _net()
+    pin_batchnorm(net, "eval")
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        clone.train()
+        assert not clone[1].training
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+
+
+def test_small_batch_guard():
+    net = _net()
+    with pin_batchnorm(net, "train", small_batch="raise"):
+        with pytest.raises(InflateError, match=r"expected a batch of at least 2 samples .* got shape \(1, 4, 3, 3\)"):
+            net(torch.randn(1, 3, 3, 3))
+        net(torch.randn(2, 3, 3, 3))  # control: a real batch passes
+    with pin_batchnorm(net, "train", small_batch="warn", min_batch=1):
+        with pytest.warns(UserWarning, match="1 value\\(s\\) per channel"):
+            with pytest.raises(ValueError):  # PyTorch itself cannot normalize one value
+                net(torch.randn(1, 3, 1, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            net(torch.randn(1, 3, 3, 3))  # min_batch=1: a single image is accepted
+    with pin_batchnorm(net, "eval", small_batch="raise"):
+        net(torch.randn(1, 3, 1, 1))  # eval mode uses running statistics: nothing to guard
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"mode": "test"}, "mode: expected one of"), ({"mode": "eval", "small_batch": "loud"}, "small_batch"),
+     ({"mode": "eval", "min_batch": 0}, "min_batch: expected an int >= 1, got 0")],
+)
+def test_arguments_are_checked(kwargs, message):
+    with pytest.raises(InflateError, match=message):
+        pin_batchnorm(_net(), **kwargs)
