@@ -11,6 +11,7 @@ Example:
 """
 
 from .batchnorm import BatchNormPin, pin_batchnorm
+from .caching import FrozenSplit, split_frozen
 from .discovery import find_input_layers
 from .errors import InflateError
 from .freeze import FinetuneReport, check_optimizer, finetune, layers
@@ -20,6 +21,7 @@ from .training import Spike, SpikeMonitor
 __all__ = [
     "BatchNormPin",
     "FinetuneReport",
+    "FrozenSplit",
     "InflateError",
     "Spike",
     "SpikeMonitor",
@@ -29,5 +31,6 @@ __all__ = [
     "inflate_first_conv",
     "layers",
     "pin_batchnorm",
+    "split_frozen",
 ]
 __version__ = "0.1.0"
