@@ -78,7 +78,7 @@ def test_features_are_where_expected():
     finetune(model, [2, -1], example_input=torch.zeros(1, 3, 8, 8))  # the decoder conv and the last conv
     assert split_frozen(model).features == ["cat"]
     finetune(model, [1, -1], example_input=torch.zeros(1, 3, 8, 8))  # enc2: the skip from enc1 is cached
-    assert split_frozen(model).features == ["enc1_2"]
+    assert split_frozen(model).features == ["enc1_2", "getitem"]  # the skip and its size for interpolate
 
 
 @pytest.mark.parametrize(

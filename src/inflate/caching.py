@@ -83,7 +83,7 @@ class FrozenSplit:
     Attributes:
         prefix: maps the model input to the tuple of cached features.
         tail: maps those features to the model output; holds the trainable parameters.
-        features: graph names of the cached values.
+        features: graph names of the cached values (tensors, and sizes the tail reads).
     """
 
     prefix: fx.GraphModule
@@ -93,7 +93,7 @@ class FrozenSplit:
     @torch.no_grad()
     def precompute(self, inputs: Iterable[Tensor]) -> list[tuple[Tensor, ...]]:
         """Run the frozen prefix once over ``inputs``; the result can be fed to :attr:`tail` forever."""
-        return [tuple(t.detach() for t in self.prefix(x)) for x in inputs]
+        return [tuple(t.detach() if isinstance(t, Tensor) else t for t in self.prefix(x)) for x in inputs]
 
 
 def split_frozen(model: nn.Module) -> FrozenSplit:
