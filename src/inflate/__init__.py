@@ -12,6 +12,7 @@ Example:
 
 from .batchnorm import BatchNormPin, pin_batchnorm
 from .caching import FrozenSplit, split_frozen
+from .checkpoint import load_checkpoint, save_checkpoint
 from .discovery import find_input_layers
 from .errors import InflateError
 from .freeze import FinetuneReport, check_optimizer, finetune, layers
@@ -30,7 +31,9 @@ __all__ = [
     "find_input_layers",
     "inflate_first_conv",
     "layers",
+    "load_checkpoint",
     "pin_batchnorm",
+    "save_checkpoint",
     "split_frozen",
 ]
 __version__ = "0.1.0"
