@@ -140,3 +140,16 @@ def test_functional_use_of_a_parameter_is_followed():
 
     (found,) = discover(Functional(), X).layers
     assert (found.name, found.param) == ("", "kernel")
+
+
+def test_tensors_made_like_the_input_do_not_carry_it():
+    class Grid(nn.Module):  # an identity grid added to the output, cast with .to(x)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            grid = torch.zeros(2, *x.shape[-2:]).to(x)
+            return grid + self.conv(x) + torch.zeros_like(x[:, :2])
+
+    assert find_input_layers(Grid(), X) == ["conv"]

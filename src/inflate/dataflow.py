@@ -66,7 +66,7 @@ _POINTWISE = set(
     __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __div__
     maximum minimum where lerp identity""".split()
 )
-# Ops whose tensor operands other than the input describe only dtype or device.
+# Ops whose tensor operands other than the first describe only dtype or device.
 _DTYPE_ONLY = {"to", "type_as"}
 _SPATIAL = set(
     """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
@@ -104,12 +104,11 @@ def _pointwise(out: Tensor, operands: list[Tensor], lookup: Lookup, name: str) -
     dim = tag.dim + out.ndim - src.ndim
     if out.shape[dim] != src.shape[tag.dim]:
         return Lost(f"{name} broadcast the channel axis")
-    if name not in _DTYPE_ONLY:
-        for t in operands:
-            if lookup(t) is None:
-                aligned = dim - (out.ndim - t.ndim)
-                if aligned >= 0 and t.shape[aligned] != 1:
-                    return Lost(f"{name} with a per-channel operand of shape {tuple(t.shape)}")
+    for t in operands:
+        if lookup(t) is None:
+            aligned = dim - (out.ndim - t.ndim)
+            if aligned >= 0 and t.shape[aligned] != 1:
+                return Lost(f"{name} with a per-channel operand of shape {tuple(t.shape)}")
     return Channels(dim, tag.outer, tag.inner)
 
 
@@ -164,8 +163,8 @@ def _getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
 
 def propagate(
     func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any, lookup: Lookup, channels: int
-) -> Tag:
-    """Tag for the tensors in ``out`` of an op that read at least one tagged tensor.
+) -> Tag | None:
+    """Tag for the tensors in ``out`` of an op that read at least one tagged tensor (None: untagged).
 
     Args:
         func: the torch function that ran.
@@ -187,6 +186,8 @@ def propagate(
     src = _first_tensor_arg(args, kwargs)
     tag = lookup(src) if isinstance(src, Tensor) else None
     results = _tensors(out)
+    if name in _DTYPE_ONLY:  # x.to(other) / x.type_as(other): only x's data flows
+        return tag
     if name in _POINTWISE and len(results) == 1:
         return _pointwise(results[0], operands, lookup, name)
     if not isinstance(tag, Channels) or len(tagged) != 1:

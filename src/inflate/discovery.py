@@ -102,7 +102,8 @@ class _InputTracer(Tracer):
             tag = dataflow.propagate(func, args, kwargs, out, self.tag, self.channels)
             if isinstance(tag, Lost) and tag not in seen:  # lost here: say where
                 tag = Lost(tag.why + self.where())
-            self.mark(out, tag)
+            if tag is not None:
+                self.mark(out, tag)
         return out
 
     def _consume(self, name: str, args: Any, kwargs: Any) -> None:
