@@ -89,7 +89,7 @@ def inflate_first_conv(
     """Widen the layer(s) that read the input so the model takes ``num_inputs`` inputs.
 
     Inputs are concatenated along the channel axis: the model then takes
-    ``(B, N*C, ...)`` with input ``i`` at channels ``[i*C, (i+1)*C)``, which is
+    ``(B, N*C, ...)`` with input ``i`` (counting from 0) at channels ``[i*C, (i+1)*C)``, which is
     ``einops.rearrange(x, "b n c ... -> b (n c) ...")`` of a ``(B, N, C, ...)`` stack.
     The layers are found by following the data (:func:`find_input_layers`), so every
     branch of a multi-branch stem is widened.
@@ -99,8 +99,8 @@ def inflate_first_conv(
     * ``"repeat"``: every input gets ``W``; with ``scale=True`` divided by ``N``, so
       ``N`` identical inputs give exactly the original output. ``scale=False`` is
       the plain ``W.repeat(1, N, 1, 1)``.
-    * ``"zero"``: input 1 keeps ``W``, the others get zeros: the output equals the
-      original model's on input 1, whatever the other inputs hold (finite values).
+    * ``"zero"``: the first input keeps ``W``, the others get zeros: the output equals
+      the original model's on the first input, whatever the others hold (finite values).
     * ``"average"``: every channel gets the channel mean of ``W`` rescaled so that a
       constant input gives the original response (divided by ``N`` with ``scale``).
     * a callable ``fn(kernel, i, channels_i)`` returning the block of input ``i``,
@@ -120,7 +120,7 @@ def inflate_first_conv(
         scale: divide by ``N`` for ``"repeat"`` and ``"average"``.
         channels: channel count of each input, e.g. ``(3, 2, 1)`` for RGB + flow +
             depth; default ``C`` for each. Inputs with another count than ``C`` get
-            the ``"average"`` rule (under ``"zero"``, only input 1 is non-zero).
+            the ``"average"`` rule (under ``"zero"``, only the first input is non-zero).
         layers: the names you expect to be widened. If the model can be traced they
             must equal the discovered ones (a check); if it cannot, these layers are
             widened as plain conv/linear layers and exactness is your responsibility.

@@ -19,7 +19,7 @@ from .errors import InflateError
 
 __all__ = ["Init", "KernelLayout", "inflate_kernel", "to_canonical", "from_canonical"]
 
-#: An inflation rule: a name, or ``fn(kernel, index, channels) -> Tensor`` that returns
+#: An inflation rule, either a name or ``fn(kernel, index, channels) -> Tensor`` returning
 #: the block for input ``index`` (0-based) of shape ``(out, channels, *rest)``.
 Init = Union[str, Callable[[Tensor, int, int], Tensor]]
 
@@ -118,8 +118,8 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
     * ``"repeat"``: an input with ``C`` channels gets the kernel itself; with
       ``scale`` every block is divided by ``N = len(channels)``, so ``N`` identical
       inputs give the original response.
-    * ``"zero"``: input 0 keeps the kernel, all other inputs get zeros, so the
-      response is the original one on input 0 whatever the others hold.
+    * ``"zero"``: the first input keeps the kernel, all others get zeros, so the
+      response is the original one on the first input whatever the others hold.
     * ``"average"``: every channel gets ``kernel.sum(1) / channels[i]`` (the channel
       mean, rescaled), so a constant input gives the original response to that
       constant (divided by ``N`` with ``scale``).
