@@ -111,7 +111,8 @@ def fit(model: nn.Module, samples: list[Sample], cfg: FitConfig, *, checkpoint: 
     split = split_frozen(model) if only_last else None
     features = split.precompute(x for x, _ in data) if split is not None else None
     trainer = nn.parallel.DistributedDataParallel(model) if size > 1 else model
-    monitor = SpikeMonitor(factor=cfg.spike_factor, skip=cfg.skip_spikes)
+    # the level is the mean over one epoch of batches: batches differ in difficulty (later frames move more)
+    monitor = SpikeMonitor(factor=cfg.spike_factor, window=max(len(data), 2), skip=cfg.skip_spikes)
     for loss in history.steps:
         monitor.update(loss)
     bar = tqdm(range(start, cfg.epochs), desc=progress or "fit", disable=rank != 0 or not progress, leave=False)

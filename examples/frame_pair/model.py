@@ -3,9 +3,11 @@
 The network predicts, for every input pixel, an offset from that pixel's own
 position; the coordinate map is the identity grid plus that offset (so a
 translation-equivariant network can express absolute coordinates). As in flow
-networks, the offset is predicted in scaled units (``OFFSET_SCALE``), which keeps
-plain SGD at the study's lr 0.101 stable. Its last layer is a 3x3 conv at full
-resolution: the layer that "last layer" fine-tuning trains.
+networks, the offset is predicted in scaled units (``OFFSET_SCALE``, also the
+unit of the loss), and the head reads unit-length feature vectors: the loss
+curvature in the head's weights is then at most 9 (a 3x3 kernel), so plain SGD at
+the study's lr 0.101 is stable on the last layer whatever the earlier layers
+learned. The last layer is that 3x3 conv at full resolution.
 """
 
 from __future__ import annotations
@@ -53,5 +55,6 @@ class CoordNet(nn.Module):
         for tap, lateral in zip(reversed(taps[:-1]), reversed(list(self.lateral)[:-1])):
             y = F.interpolate(y, size=tap.shape[-2:], mode="bilinear", align_corners=False) + lateral(tap)
         y = F.interpolate(self.refine(y), size=frames.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.normalize(y, dim=1)  # unit feature vectors: the head's curvature no longer depends on training
         grid = identity_grid(frames.shape[-2], frames.shape[-1]).to(frames)
         return grid + self.head(y) * OFFSET_SCALE

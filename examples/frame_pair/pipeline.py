@@ -106,7 +106,7 @@ def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: st
 
 def single_stage(cfg: RunConfig) -> tuple[nn.Module, History]:
     """Stage 1: the pretrained encoder + decoder trained on single frames (all layers, Adam)."""
-    fit_cfg = FitConfig(policy="all", lr=1e-3, optimizer="adam", epochs=cfg.epochs, batch_size=cfg.batch_size,
+    fit_cfg = FitConfig(policy="all", lr=3e-4, optimizer="adam", epochs=cfg.epochs, batch_size=cfg.batch_size,
                         cache=False)
     torch.manual_seed(cfg.seed)
     return stage(cfg, "single", CoordNet(), 1, None, fit_cfg, dataset(cfg, 1))
