@@ -65,7 +65,7 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
 
 
 def outcome(build, shape: tuple[int, ...]) -> str:
-    """'exact', 'refused: ...' or 'unbuildable: ...'; raises if a model is silently wrong."""
+    """'exact', 'refused: ...', 'unbuildable: ...' or 'WRONG: ...' (a silently wrong inflation)."""
     try:
         model = build()
         with torch.no_grad():
@@ -76,4 +76,6 @@ def outcome(build, shape: tuple[int, ...]) -> str:
         check(model, shape)
     except InflateError as error:
         return "refused: " + str(error).splitlines()[-1].strip()[:120]
+    except AssertionError as error:
+        return "WRONG: " + " ".join(str(error).split())[:300]
     return "exact"
