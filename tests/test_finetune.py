@@ -36,6 +36,14 @@ def test_layers_are_in_forward_order_with_norms_attached():
     assert layers(_net()) == ["0", "3", "6", "8"]
 
 
+def test_a_norm_before_the_first_weight_layer_joins_it_once():
+    from inflate.freeze import trace_layers
+
+    units = trace_layers(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    assert [(u.name, u.norms, sorted(u.params)) for u in units] == [
+        ("1", ["0", "2"], ["0.bias", "0.weight", "1.bias", "1.weight", "2.bias", "2.weight"])]
+
+
 def test_timm_layers_and_params_are_all_covered():
     from inflate.freeze import trace_layers
 

@@ -1,6 +1,6 @@
 """Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate> [--smoke] ...``.
 
-Outputs go to one run folder (``--out``, default ``runs/frame_pair``): ``metrics.json``,
+Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke]``): ``metrics.json``,
 PNG plots and pictures, and ``models/`` (safetensors + JSON). Complete stages found
 there are reused; an interrupted one continues with ``--resume``. Under ``torchrun``
 the training runs with DistributedDataParallel (gloo on CPU, nccl on GPU).
@@ -28,7 +28,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m examples.frame_pair", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate"])
     parser.add_argument("runs", nargs="*", help="evaluate: run folders to compare (default: --out)")
-    parser.add_argument("--out", default="runs/frame_pair", help="run folder")
+    parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study and/or _smoke "
+                        "appended for those modes, so their stored models never mix)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and resolution: seconds, for tests")
     parser.add_argument("--resolution", choices=["coords", "study"], default="coords",
                         help="coords: inputs at the coordinate resolution 360x640 (default); study: 120x240")
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world()[1]))
-    cfg = pipeline.RunConfig.make(args.out, args.smoke, args.resolution == "study", epochs=args.epochs,
+    out = args.out or "runs/frame_pair" + ("_study" if args.resolution == "study" else "") + (
+        "_smoke" if args.smoke else "")
+    cfg = pipeline.RunConfig.make(out, args.smoke, args.resolution == "study", epochs=args.epochs,
                                   videos=args.videos, frames=args.frames, many=args.many)
     pipeline.RESUME = args.resume
     try:

@@ -87,10 +87,21 @@ def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: str | None, fit_cfg: FitConfig,
           data: list[Sample]) -> tuple[nn.Module, History]:
-    """Train one stage; a complete stored stage is reused, an interrupted one continues with --resume."""
+    """Train one stage; a complete stored stage is reused, an interrupted one continues with --resume.
+
+    A stage stored with another data configuration (size, videos, frames, seed, batch size)
+    is refused rather than mixed in.
+    """
     path = cfg.out / "models" / name
+    meta = {"stage": name, "architecture": "CoordNet(tf_efficientnet_lite0)", "num_inputs": num_inputs,
+            "init": init, "run": {k: str(v) for k, v in asdict(cfg).items()}}
     if Path(f"{path}.json").exists():
         state, stored = load_checkpoint(path)
+        keys = ("size", "videos", "frames", "seed", "batch_size")
+        differ = [f"{k}: {stored['run'].get(k)} there, {meta['run'][k]} now" for k in keys
+                  if stored["run"].get(k) != meta["run"][k]]
+        if differ:
+            raise SystemExit(f"{path}: stored with another configuration ({'; '.join(differ)}); choose another --out")
         done = len(stored["history"]["epochs"])
         if done >= fit_cfg.epochs:
             model.load_state_dict(state)
@@ -98,8 +109,6 @@ def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: st
         if not RESUME:
             raise SystemExit(f"{path}: an interrupted stage ({done} of {fit_cfg.epochs} epochs); "
                              "pass --resume to continue it or choose another --out")
-    meta = {"stage": name, "architecture": "CoordNet(tf_efficientnet_lite0)", "num_inputs": num_inputs,
-            "init": init, "run": {k: str(v) for k, v in asdict(cfg).items()}}
     history = fit(model.to(device()), data, fit_cfg, checkpoint=path, metadata=meta, progress=name)
     return model, history
 
@@ -119,7 +128,8 @@ def inflated(single: nn.Module, num_inputs: int, init: str, **kwargs: Any) -> nn
 
 def multi_stage(cfg: RunConfig, single: nn.Module, name: str, num_inputs: int) -> tuple[nn.Module, History]:
     """Inflate the single-frame model (zero rule: it starts exactly as the single-frame model),
-    then fine-tune all layers with the study's best setting, SGD lr 0.101."""
+    then fine-tune all layers with the study's best setting, SGD lr 0.101, clipping gradient
+    values at 0.1."""
     fit_cfg = FitConfig(policy="all", lr=0.101, epochs=cfg.epochs, batch_size=cfg.batch_size, clip_value=0.1)
     return stage(cfg, name, inflated(single, num_inputs, "zero"), num_inputs, "zero", fit_cfg,
                  dataset(cfg, num_inputs))

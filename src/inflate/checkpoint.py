@@ -96,6 +96,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tenso
 
     Raises:
         InflateError: a missing file, or weights whose hash differs from the metadata's.
+
+    Example:
+        >>> import tempfile, torch.nn as nn
+        >>> from inflate import inflate_first_conv
+        >>> wide = inflate_first_conv(nn.Sequential(nn.Conv2d(3, 4, 3)), 2, init="zero")
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save_checkpoint(f"{d}/m", wide, {"num_inputs": 2, "init": "zero"})
+        ...     state, meta = load_checkpoint(f"{d}/m")
+        >>> rebuilt = inflate_first_conv(nn.Sequential(nn.Conv2d(3, 4, 3)), meta["num_inputs"], init=meta["init"])
+        >>> rebuilt.load_state_dict(state)
+        <All keys matched successfully>
     """
     from safetensors.torch import load
 

@@ -70,7 +70,7 @@ def trace_layers(model: nn.Module, example_input: Tensor | None = None) -> list[
     owns_params = {n for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))}
     units: dict[str, Layer] = {}
     previous: Layer | None = None
-    pending_norms: list[tuple[str, list[str]]] = []
+    pending_norms: dict[str, list[str]] = {}  # norms met before any weight layer: module -> params
     for pid in tracer.order:
         mod_name, attr = tracer.owners[pid][0]
         full = f"{mod_name}.{attr}" if mod_name else attr
@@ -78,7 +78,7 @@ def trace_layers(model: nn.Module, example_input: Tensor | None = None) -> list[
         container = any(c.startswith(mod_name + ".") or not mod_name for c in owns_params if c != mod_name)
         if _is_norm(module) and not container:
             if previous is None:
-                pending_norms.append((mod_name, [full]))
+                pending_norms.setdefault(mod_name, []).append(full)
             elif mod_name in previous.norms:
                 previous.params.append(full)
             else:
@@ -88,7 +88,7 @@ def trace_layers(model: nn.Module, example_input: Tensor | None = None) -> list[
         key = full if container else mod_name
         unit = units.setdefault(key, Layer(key))
         unit.params.append(full)
-        for norm, params in pending_norms:  # norms before the first weight layer join it
+        for norm, params in pending_norms.items():  # norms before the first weight layer join it
             unit.norms.append(norm)
             unit.params.extend(params)
         pending_norms.clear()

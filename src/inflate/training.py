@@ -24,8 +24,8 @@ class Spike:
 class SpikeMonitor:
     """Flags loss spikes: a loss above ``factor`` times the mean of the last ``window`` normal losses.
 
-    Spikes do not enter the running level, so one spike does not hide the next. The
-    first ``window // 2`` steps (at least 2) only build the level. A non-finite loss is
+    Spikes do not enter the running level, so one spike does not hide the next. Until
+    ``window // 2`` normal losses (at least 2) have been seen, steps only build the level. A non-finite loss is
     always a spike. With ``skip=True``, :meth:`update` tells the caller to skip the
     optimizer step for a spike.
 
