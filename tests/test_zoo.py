@@ -74,7 +74,8 @@ def test_timm_weight_standardized_stems_are_refused(name):
 @pytest.mark.parametrize("name", list(TV_SAMPLE))
 def test_torchvision_sample(name):
     torch.manual_seed(0)
-    diffs = check(torchvision.models.get_model(name, weights=None), TV_SAMPLE[name])
+    kwargs = {"init_weights": False} if name == "googlenet" else {}  # sensitize() re-initialises anyway
+    diffs = check(torchvision.models.get_model(name, weights=None, **kwargs), TV_SAMPLE[name])
     assert max(diffs.values()) <= 1e-10, diffs
 
 
