@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import interleaved_medians, load_note, table, timed  # noqa: E402
+import statistics  # noqa: E402
+
+from benchmarks._timing import interleaved, load_note, table, timed  # noqa: E402
 from inflate import finetune, inflate_first_conv, pin_batchnorm, split_frozen  # noqa: E402
 
 
@@ -69,7 +71,7 @@ def _case(name, model, shape, batches, batch_size):
             step(split.tail(*f), y)
 
     first, _ = timed(first_cached)
-    t_uncached, t_cached = interleaved_medians([uncached, cached], repeats=3)
+    t_uncached, t_cached = (statistics.median(t) for t in interleaved([uncached, cached], repeats=3))
     return [name, f"{batches}x{batch_size}", f"{t_uncached:.3f}", f"{first:.3f}", f"{t_cached:.4f}",
             f"{t_uncached / t_cached:.1f}x", "yes" if t_uncached / t_cached >= 20 else "no"]
 
