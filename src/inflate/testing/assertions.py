@@ -84,8 +84,9 @@ def _capture(model: nn.Module, names: Sequence[str], store: dict[str, Tensor]) -
 
 
 def _compare(original: nn.Module, inflated: nn.Module, x_original: Tensor, x_inflated: Tensor,
-             layers: Sequence[str], rtol: float | None) -> Report:
+             layers: Sequence[str], rtol: float | None, output_rtol: float | None = None) -> Report:
     rtol = default_rtol(x_original.dtype) if rtol is None else rtol
+    output_rtol = rtol if output_rtol is None else output_rtol
     seen_a: dict[str, Tensor] = {}
     seen_b: dict[str, Tensor] = {}
     with torch.no_grad(), _capture(original, layers, seen_a), _capture(inflated, layers, seen_b):
@@ -98,8 +99,9 @@ def _compare(original: nn.Module, inflated: nn.Module, x_original: Tensor, x_inf
             problems.append(f"{place}: expected shape {tuple(e.shape)}, got {tuple(g.shape)}")
             continue
         rel = report.diffs[place] = _relative_diff(g, e)
-        if not rel <= rtol:  # also catches NaN
-            problems.append(_describe(place, g, e, rel, rtol))
+        tol = output_rtol if place == "output" else rtol
+        if not rel <= tol:  # also catches NaN
+            problems.append(_describe(place, g, e, rel, tol))
     if problems:
         raise AssertionError("inflated model is not equivalent:\n  " + "\n  ".join(problems))
     return report
@@ -112,6 +114,7 @@ def assert_zero_inflation_equivalent(
     *,
     layers: Sequence[str] = (),
     rtol: float | None = None,
+    output_rtol: float | None = None,
 ) -> Report:
     """Assert ``inflated(cat(inputs))`` equals ``original(inputs[0])``, whatever ``inputs[1:]`` hold.
 
@@ -124,6 +127,9 @@ def assert_zero_inflation_equivalent(
         layers: module names to compare as well (the widened layers): a normalization
             right after the stem can hide a stem error at the output.
         rtol: relative L2 tolerance; default :func:`default_rtol` of the input dtype.
+        output_rtol: tolerance at the output only (default ``rtol``): a deep, badly
+            conditioned network amplifies the rounding of the widened layers, which
+            ``rtol`` still bounds at those layers.
 
     Returns:
         The relative differences found.
@@ -140,7 +146,7 @@ def assert_zero_inflation_equivalent(
         >>> assert_zero_inflation_equivalent(net, wide, [x1, x2]).max_relative_diff < 1e-12
         True
     """
-    return _compare(original, inflated, inputs[0], torch.cat(list(inputs), dim=1), layers, rtol)
+    return _compare(original, inflated, inputs[0], torch.cat(list(inputs), dim=1), layers, rtol, output_rtol)
 
 
 def assert_repeat_equivalent(
@@ -151,10 +157,12 @@ def assert_repeat_equivalent(
     *,
     layers: Sequence[str] = (),
     rtol: float | None = None,
+    output_rtol: float | None = None,
 ) -> Report:
     """Assert ``inflated`` on ``num_inputs`` copies of ``x`` equals ``original(x)``.
 
-    This is the guarantee of ``init="repeat"`` with ``scale=True``.
+    This is the guarantee of ``init="repeat"`` with ``scale=True``; arguments as in
+    :func:`assert_zero_inflation_equivalent`.
 
     Example:
         >>> import copy, torch.nn as nn
@@ -164,7 +172,7 @@ def assert_repeat_equivalent(
         >>> assert_repeat_equivalent(net, wide, torch.randn(1, 2, 9, dtype=torch.float64), 3).diffs["output"] < 1e-12
         True
     """
-    return _compare(original, inflated, x, torch.cat([x] * num_inputs, dim=1), layers, rtol)
+    return _compare(original, inflated, x, torch.cat([x] * num_inputs, dim=1), layers, rtol, output_rtol)
 
 
 def check_inflation(
