@@ -93,6 +93,9 @@ def _sweep(names, build):
     return counts
 
 
+MAX_PARAMS = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS", "2e8")))
+
+
 def _runs(model, shape):
     with torch.no_grad():
         model.to(D).eval()(torch.zeros(1, *shape, dtype=D))
@@ -103,6 +106,10 @@ def _runs(model, shape):
 def test_full_timm_registry():
     def build(name):
         """Small inputs where the model allows them (img_size=64), else its own input size."""
+        with torch.device("meta"):  # count parameters without allocating them
+            count = sum(p.numel() for p in timm.create_model(name).parameters())
+        if count > MAX_PARAMS:  # float64 copies of a larger model do not fit in 24 GiB
+            raise MemoryError(f"{count / 1e6:.0f}M parameters > INFLATE_ZOO_MAX_PARAMS")
         cfg = timm.models.get_pretrained_cfg(name)
         size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
         attempts = [({"img_size": 64}, (size[0], 64, 64)), ({}, (size[0], 64, 64)), ({}, size)]

@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or "runs/frame_pair" + ("_study" if args.resolution == "study" else "") + (
         "_smoke" if args.smoke else "")
     cfg = pipeline.RunConfig.make(out, args.smoke, args.resolution == "study", epochs=args.epochs,
-                                  videos=args.videos, frames=args.frames, many=args.many)
-    pipeline.RESUME = args.resume
+                                  videos=args.videos, frames=args.frames, many=args.many, resume=args.resume)
     try:
         if args.command == "evaluate":
             evaluate([Path(r) for r in args.runs] or [cfg.out])

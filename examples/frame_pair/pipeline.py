@@ -19,7 +19,6 @@ from .data import VIDEOS, Sample, make_video, samples
 from .fit import FitConfig, History, fit, world
 from .model import CoordNet
 
-RESUME = False  # set by the command line: continue interrupted stages
 STUDY_SIZE = (120, 240)
 FULL_SIZE = (360, 640)
 
@@ -37,6 +36,7 @@ class RunConfig:
     epochs: int = 5
     batch_size: int = 4
     seed: int = 0
+    resume: bool = False  # continue interrupted stages
 
     @classmethod
     def make(cls, out: str, smoke: bool, study_resolution: bool, **overrides: Any) -> RunConfig:
@@ -106,7 +106,7 @@ def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: st
         if done >= fit_cfg.epochs:
             model.load_state_dict(state)
             return model.to(device()), History(**stored["history"])
-        if not RESUME:
+        if not cfg.resume:
             raise SystemExit(f"{path}: an interrupted stage ({done} of {fit_cfg.epochs} epochs); "
                              "pass --resume to continue it or choose another --out")
     history = fit(model.to(device()), data, fit_cfg, checkpoint=path, metadata=meta, progress=name)
