@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import torch
@@ -12,6 +13,7 @@ from inflate import InflateError, find_input_layers, inflate_first_conv
 from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
 
 D = torch.float64
+CHAOTIC = 1e-6  # an output tolerance above this means rounding alone scrambles the output
 
 
 def sensitize(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
@@ -75,7 +77,8 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
 
     The widened layers are compared at rtol 1e-10. The output is compared at 1e-10 too, or,
     for a badly conditioned random network, at what a 1e-13 relative discrepancy at those
-    layers (100x float64 rounding) becomes at its output, measured by :func:`amplification`.
+    layers (100x float64 rounding) becomes at its output, measured by :func:`amplification`;
+    past ``CHAOTIC`` the output says nothing and only the layers are judged.
     """
     net = sensitize(model.to(D), shape, seed).eval()
     example = torch.zeros(1, *shape, dtype=D)
@@ -83,6 +86,8 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn((2, *shape), generator=gen, dtype=D) for _ in range(n)]
     out_tol = max(1e-10, 1e-13 * amplification(net, layers, xs[0]))
+    if out_tol > CHAOTIC:  # rounding alone scrambles this random network's output: judge at the layers
+        out_tol = math.inf
     zero = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=example)
     z = assert_zero_inflation_equivalent(net, zero, xs, layers=layers, output_rtol=out_tol)
     rep = inflate_first_conv(copy.deepcopy(net), n, init="repeat", example_input=example)
@@ -90,12 +95,13 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
     weight = rep.get_submodule(layers[0]).weight
     with torch.no_grad():
         weight.view(-1)[0] += 1e-3 * weight.abs().max()
-    try:
-        assert_repeat_equivalent(net, rep, xs[0], n, rtol=out_tol)
+    try:  # at the output, or at the layers where the output cannot tell
+        assert_repeat_equivalent(net, rep, xs[0], n, rtol=1e-10, output_rtol=out_tol,
+                                 layers=layers if math.isinf(out_tol) else ())
     except AssertionError:
         pass
     else:
-        raise AssertionError(f"negative control not detected at the output (layers {layers}, rtol {out_tol:.1e})")
+        raise AssertionError(f"negative control not detected (layers {layers}, output rtol {out_tol:.1e})")
     return {"zero": z.max_relative_diff, "repeat": r.max_relative_diff, "output_rtol": out_tol}
 
 
@@ -109,9 +115,9 @@ def outcome(build) -> str:
     except Exception as error:  # noqa: BLE001 - models that cannot run are counted, not tested
         return f"unbuildable: {type(error).__name__}"
     try:
-        check(model, shape)
+        result = check(model, shape)
     except InflateError as error:
         return "refused: " + str(error).splitlines()[-1].strip()[:120]
     except AssertionError as error:
         return "WRONG: " + " ".join(str(error).split())[:300]
-    return "exact"
+    return "exact" if math.isfinite(result["output_rtol"]) else "exact at the layers (output chaotic)"
