@@ -75,12 +75,18 @@ def _mean_over_ranks(value: float) -> float:
     return t.item() / size
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
     buffer = io.BytesIO()
     torch.save(optimizer.state_dict(), buffer)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, buffer.getvalue())
 
 
 def fit(model: nn.Module, samples: list[Sample], cfg: FitConfig, *, checkpoint: Path | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 from inflate import inflate_first_conv, load_checkpoint
 
 from .data import VIDEOS, Sample, make_video, samples
-from .fit import FitConfig, History, fit, world
+from .fit import FitConfig, History, atomic_write, fit, world
 from .model import CoordNet
 
 STUDY_SIZE = (120, 240)
@@ -61,12 +60,8 @@ def dataset(cfg: RunConfig, num_inputs: int, videos: tuple[str, ...] | None = No
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic JSON write (rank 0 only)."""
-    if world()[0] != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    if world()[0] == 0:
+        atomic_write(path, json.dumps(data, indent=2, default=str).encode())
 
 
 def rebuild(meta: dict[str, Any]) -> nn.Module:
