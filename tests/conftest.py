@@ -11,3 +11,9 @@ settings.register_profile("thorough", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("INFLATE_HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(1)
+
+# Every discovery trace in the suite also runs the real meta kernel behind each shortcut of
+# inflate.shapes and fails on any difference in shape, dtype or strides.
+import inflate.shapes  # noqa: E402
+
+inflate.shapes.CHECK = True

@@ -86,7 +86,31 @@ _FRESH = set(
 Lookup = Callable[[Tensor], Union[Tag, None]]
 
 
+_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis), torch.memory_format)
+
+
 def _tensors(tree: Any) -> list[Tensor]:
+    """The tensors in ``tree``, in pytree order (plain tuples, lists and dicts walked
+    directly, which is most of every trace; anything else through ``torch.utils._pytree``)."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    kind = type(tree)
+    if kind in _ATOMS:
+        return []
+    if kind is tuple or kind is list:
+        found: list[Tensor] = []
+        for item in tree:
+            if isinstance(item, Tensor):
+                found.append(item)
+            elif type(item) not in _ATOMS:
+                found.extend(_tensors(item))
+        return found
+    if kind is dict:
+        return _tensors(list(tree.values())) if all(type(k) is str for k in tree) else _pytree_tensors(tree)
+    return _pytree_tensors(tree)
+
+
+def _pytree_tensors(tree: Any) -> list[Tensor]:
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 

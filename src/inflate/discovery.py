@@ -92,13 +92,16 @@ class _InputTracer(Tracer):
         name = getattr(func, "__name__", "")
         if name in dataflow.CONSUMERS:
             self._consume(name, args, kwargs)
-        out = func(*args, **kwargs)
-        if dataflow.is_fresh(func) or not dataflow._tensors(out):
+            return self.call(func, args, kwargs)  # a weight layer's output no longer carries input channels
+        out = self.call(func, args, kwargs)
+        tags = self.tags
+        operands = dataflow._tensors(args)
+        if kwargs:
+            operands += dataflow._tensors(kwargs)
+        if not any(id(t) in tags for t in operands) or dataflow.is_fresh(func) or not dataflow._tensors(out):
             return out
-        seen = [self.tag(t) for t in dataflow._tensors((args, kwargs))]
+        seen = [self.tag(t) for t in operands]
         if any(t is not None for t in seen):
-            if name in dataflow.CONSUMERS:
-                return out  # a weight layer's output no longer carries input channels
             tag = dataflow.propagate(func, args, kwargs, out, self.tag, self.channels)
             if isinstance(tag, Lost) and tag not in seen:  # lost here: say where
                 tag = Lost(tag.why + self.where())
@@ -150,7 +153,10 @@ def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery
     Raises:
         InflateError: the model cannot be run on the example input, or is lazy.
     """
-    tracer = trace(unwrap(model), example_input, _InputTracer)
+    model = unwrap(model)
+    tracer = trace(model, example_input, _InputTracer)
+    if tracer.problems:  # trace again with module hooks, to say where each problem is
+        tracer = trace(model, example_input, _InputTracer, stack=True)
     found = Discovery(list(tracer.found.values()), list(tracer.problems))
     for layer in found.layers:
         if layer.name in tracer.elsewhere:

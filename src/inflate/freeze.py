@@ -59,7 +59,7 @@ class _OrderTracer(Tracer):
         for t in torch.utils._pytree.tree_leaves((args, kwargs or {})):
             if isinstance(t, Tensor) and id(t) in self.owners:
                 self.order.setdefault(id(t), None)
-        return func(*args, **(kwargs or {}))
+        return self.call(func, args, kwargs or {})
 
 
 def trace_layers(model: nn.Module, example_input: Tensor | None = None) -> list[Layer]:

@@ -11,13 +11,14 @@ buffers, so running statistics are not touched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import shapes
 from .errors import InflateError
 
 __all__ = ["Tracer", "trace", "unwrap", "default_example_inputs"]
@@ -54,6 +55,15 @@ class Tracer(TorchFunctionMode):
 
     def start(self, x: Tensor) -> None:
         """Called with the (meta or real) input before the forward pass."""
+
+    def call(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        """``func(*args, **kwargs)``, through :mod:`inflate.shapes` where it knows a meta output."""
+        out = shapes.shortcut(func, args, kwargs)
+        if out is shapes.MISSING:
+            return func(*args, **kwargs)
+        if shapes.CHECK:
+            shapes.check(func, args, kwargs, out)
+        return out
 
     def finish(self, out: Any) -> None:
         """Called with the model output after the forward pass."""
@@ -106,51 +116,63 @@ def default_example_inputs(model: nn.Module) -> list[Tensor]:
     return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
 
 
-def _twins(model: nn.Module, meta: bool) -> tuple[dict[str, Tensor], Owners]:
+def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[dict[str, Tensor], Owners]:
     """Stand-ins for every parameter and buffer: meta twins, or (real run) the parameters
     themselves and clones of the buffers."""
     twins: dict[int, Tensor] = {}
     state: dict[str, Tensor] = {}
     owners: Owners = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for attr, p in module.named_parameters(recurse=False):
-            if id(p) not in twins:
-                twins[id(p)] = torch.empty_like(p, device="meta") if meta else p
-                owners[id(twins[id(p)])] = []
-            state[f"{mod_name}.{attr}" if mod_name else attr] = twins[id(p)]
-            entry = owners[id(twins[id(p)])]
+    for mod_name, module in walk:
+        prefix = f"{mod_name}." if mod_name else ""
+        for attr, p in module._parameters.items():
+            if p is None:
+                continue
+            twin = twins.get(id(p))
+            if twin is None:
+                twin = twins[id(p)] = shapes.meta_like(p) if meta else p
+                owners[id(twin)] = []
+            state[prefix + attr] = twin
+            entry = owners[id(twin)]
             if all(o[0] != mod_name for o in entry):
                 entry.append((mod_name, attr))
-        for attr, b in module.named_buffers(recurse=False):
+        for attr, b in module._buffers.items():
             if b is None:
                 continue
-            if id(b) not in twins:
-                twins[id(b)] = torch.empty_like(b, device="meta") if meta else b.clone()
-            state[f"{mod_name}.{attr}" if mod_name else attr] = twins[id(b)]
+            twin = twins.get(id(b))
+            if twin is None:
+                twin = twins[id(b)] = shapes.meta_like(b) if meta else b.clone()
+            state[prefix + attr] = twin
     return state, owners
 
 
-def _run(model: nn.Module, example: Tensor, meta: bool, factory: Callable[[Owners, dict[int, str]], T]) -> T:
-    state, owners = _twins(model, meta)
-    modules = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    x = torch.empty_like(example, device="meta") if meta else example.detach()
+def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], example: Tensor, meta: bool,
+         factory: Callable[[Owners, dict[int, str]], T], stack: bool) -> T:
+    state, owners = _twins(walk, meta)
+    modules = {id(m): n for n, m in walk}
+    x = shapes.meta_like(example) if meta else example.detach()
     if x.ndim < 2:
         raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
     tracer = factory(owners, modules)
     tracer.start(x)
-    with torch.no_grad(), _module_stack(tracer), tracer:
+    with torch.no_grad(), _module_stack(tracer) if stack else nullcontext(), tracer:
         out = torch.func.functional_call(model, state, (x,), tie_weights=False, strict=False)
     tracer.finish(out)
     return tracer
 
 
-def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Owners, dict[int, str]], T]) -> T:
+def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Owners, dict[int, str]], T],
+          *, stack: bool = False) -> T:
     """Run ``model`` once under the tracer that ``factory(owners, modules)`` builds.
+
+    ``stack=True`` keeps ``tracer.stack``, the labels of the modules being called, up
+    to date (global module hooks, which slow every module call down: ask for it only
+    to name places in error messages).
 
     Raises:
         InflateError: the model cannot run on the example input, or has lazy modules.
     """
-    lazy = [n for n, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+    walk = list(model.named_modules(remove_duplicate=False))
+    lazy = [n for n, m in walk if isinstance(m, nn.modules.lazy.LazyModuleMixin)
             and m.has_uninitialized_params()]  # type: ignore[operator]
     if lazy:
         raise InflateError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
@@ -158,13 +180,13 @@ def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Own
     examples = default_example_inputs(model) if example_input is None else [example_input]
     for attempt, example in enumerate(examples, 1):
         try:
-            return _run(model, example, True, factory)
-        except InflateError:
+            return _run(model, walk, example, True, factory, stack)
+        except (InflateError, AssertionError):  # AssertionError: a failed shapes.check, a bug to report
             raise
         except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
             if not example.is_meta:
                 try:
-                    return _run(model, example, False, factory)
+                    return _run(model, walk, example, False, factory, stack)
                 except Exception as error:
                     raise InflateError(f"the model could not run on example_input of shape "
                                        f"{tuple(example.shape)} ({type(error).__name__}: {error})") from error

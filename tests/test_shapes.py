@@ -1,0 +1,165 @@
+"""The meta-output shortcuts of ``inflate.shapes`` agree with PyTorch's own meta kernels.
+
+Every case runs the shortcut and, where it applies, :func:`inflate.shapes.check` (the real
+meta kernel: same shape, dtype, strides of axes longer than 1, in place or not). Each rule
+must apply to at least one case, and the odd cases (mixed dtypes, overlapping strides,
+``out=``-like keywords) must fall through to PyTorch. The whole suite also runs with
+``shapes.CHECK`` on (``tests/conftest.py``), so every model any test traces checks them too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from inflate import shapes
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+X = meta(2, 8, 5, 6)
+CL = X.contiguous(memory_format=torch.channels_last)
+NHWC = meta(2, 5, 6, 8).permute(0, 3, 1, 2)  # dense, permuted
+SLICE = meta(2, 16, 5, 6)[:, ::2]  # not dense
+C8 = meta(8)
+T = torch.Tensor
+
+APPLIES = [
+    ("bn", F.batch_norm, (X, C8, C8, C8, C8), {"training": True}),
+    ("bn channels_last", F.batch_norm, (CL, C8, C8), {}),
+    ("bn permuted", F.batch_norm, (NHWC, None, None), {"training": True}),
+    ("bn half", F.batch_norm, (X.half(), None, None), {"training": True}),
+    ("gn", F.group_norm, (X, 2, C8, C8), {}),
+    ("ln", F.layer_norm, (meta(2, 7, 8), (8,), C8, C8), {}),
+    ("ln permuted", F.layer_norm, (NHWC.permute(0, 2, 3, 1), (8,)), {}),
+    ("linear", F.linear, (meta(2, 7, 8), meta(4, 8), meta(4)), {}),
+    ("linear 1d", F.linear, (meta(8), meta(4, 8)), {}),
+    ("linear permuted", F.linear, (NHWC.permute(0, 2, 3, 1), meta(4, 8)), {}),
+    ("conv2d", torch.conv2d, (X, meta(4, 8, 3, 3), meta(4), 2, 1), {}),
+    ("conv2d tuples", torch.conv2d, (X, meta(4, 8, 3, 1)), {"stride": (1, 2), "padding": (2, 0), "dilation": (2, 1)}),
+    ("conv2d same", torch.conv2d, (X, meta(4, 8, 3, 3), None, 1, "same"), {}),
+    ("conv2d valid", torch.conv2d, (X, meta(4, 8, 3, 3), None, 1, "valid"), {}),
+    ("conv2d groups", torch.conv2d, (X, meta(8, 2, 3, 3), None, 1, 1, 1, 4), {}),
+    ("conv1d", torch.conv1d, (meta(2, 3, 17), meta(5, 3, 4), None, 3), {}),
+    ("conv3d", torch.conv3d, (meta(1, 3, 4, 9, 9), meta(5, 3, 2, 3, 3), None, (1, 2, 2)), {}),
+    ("sdpa", F.scaled_dot_product_attention, (meta(2, 3, 10, 16),) * 3, {}),
+    ("sdpa transposed", F.scaled_dot_product_attention, (meta(2, 10, 3, 16).transpose(1, 2),) * 2
+     + (meta(2, 3, 10, 8),), {"is_causal": True}),
+    ("matmul", T.matmul, (meta(2, 3, 4, 5), meta(2, 3, 5, 6)), {}),
+    ("mean keepdim", T.mean, (X, (2, 3), True), {}),
+    ("mean dim", torch.mean, (X, -1), {}),
+    ("mean list", T.mean, (X, [1, 3]), {"keepdim": False}),
+    ("gelu", F.gelu, (NHWC,), {}),
+    ("silu", F.silu, (X,), {}),
+    ("silu inplace", F.silu, (X, True), {}),
+    ("relu inplace kw", F.relu, (CL,), {"inplace": True}),
+    ("relu6", F.relu6, (X,), {}),
+    ("hardswish", F.hardswish, (X,), {}),
+    ("leaky_relu inplace", F.leaky_relu, (X, 0.1, True), {}),
+    ("hardtanh", F.hardtanh, (X, -2.0, 2.0), {}),
+    ("elu inplace", F.elu, (X, 1.0, True), {}),
+    ("sigmoid", torch.sigmoid, (X,), {}),
+    ("sigmoid method", T.sigmoid, (NHWC,), {}),
+    ("relu_", torch.relu_, (X,), {}),
+    ("add", T.add, (X, meta(2, 8, 5, 6)), {}),
+    ("add alpha", torch.add, (X, X), {"alpha": 2}),
+    ("mul broadcast", T.mul, (X, meta(2, 8, 1, 1)), {}),
+    ("mul broadcast into b", T.mul, (meta(8, 1, 1), NHWC), {}),
+    ("mul permuted", T.mul, (NHWC, meta(1, 8, 1, 1)), {}),
+    ("mul channels_last, contiguous", T.mul, (CL, X), {}),
+    ("sub scalar", T.sub, (X, 1), {}),
+    ("div float", T.div, (NHWC, 3.0), {}),
+    ("add_", T.add_, (meta(2, 8, 5, 6), X), {}),
+    ("add_ int counter", T.add_, (meta(dtype=torch.long), 1), {}),
+    ("mul_ broadcast", T.mul_, (meta(2, 8, 5, 6), meta(8, 1, 1)), {}),
+]
+
+FALLS_THROUGH = [
+    ("bn mixed dtypes", F.batch_norm, (X.double(), C8, C8), {}),
+    ("bn not dense", F.batch_norm, (SLICE, None, None), {"training": True}),
+    ("bn one value per channel", F.batch_norm, (meta(1, 8, 1, 1), None, None), {"training": True}),
+    ("bn stats of the wrong size", F.batch_norm, (X, meta(4), meta(4)), {}),
+    ("gn groups do not divide", F.group_norm, (X, 3), {}),
+    ("ln wrong normalized_shape", F.layer_norm, (meta(2, 7, 8), (7,)), {}),
+    ("bn integer", F.batch_norm, (meta(2, 8, dtype=torch.long), None, None), {"training": True}),
+    ("conv channels_last", torch.conv2d, (CL, meta(4, 8, 3, 3)), {}),
+    ("conv wrong channels", torch.conv2d, (X, meta(4, 3, 3, 3)), {}),
+    ("conv padding mode string", torch.conv2d, (X, meta(4, 8, 3, 3), None, 1, "bogus"), {}),
+    ("linear wrong in_features", F.linear, (meta(2, 7), meta(4, 8)), {}),
+    ("sdpa mask", F.scaled_dot_product_attention, (meta(2, 3, 10, 16),) * 3 + (meta(10, 10),), {}),
+    ("matmul broadcast", T.matmul, (meta(3, 4, 5), meta(5, 6)), {}),
+    ("mean all", T.mean, (X,), {}),
+    ("mean dtype", T.mean, (X, 1), {"dtype": torch.float64}),
+    ("add int tensor", T.add, (meta(3, dtype=torch.long), meta(3, dtype=torch.long)), {}),
+    ("add bool scalar", T.add, (X, True), {}),
+    ("add float to int tensor", T.add, (meta(3, dtype=torch.long), 1.5), {}),
+    ("add mixed dtypes", T.add, (X, X.half()), {}),
+    ("add both broadcast", T.add, (meta(2, 1, 4), meta(2, 3, 1)), {}),
+    ("add_ into smaller", T.add_, (meta(8, 1, 1), X), {}),
+    ("add_ not dense", T.add, (SLICE, 1.0), {}),
+    ("div rounding", T.div, (X, 2.0), {"rounding_mode": "floor"}),
+    ("gelu not dense", F.gelu, (SLICE,), {}),
+]
+
+
+@pytest.mark.parametrize("case", APPLIES, ids=[c[0] for c in APPLIES])
+def test_shortcut_matches_pytorch(case):
+    _, func, args, kwargs = case
+    out = shapes.shortcut(func, args, kwargs)
+    assert out is not shapes.MISSING, "expected this plain case to take the shortcut"
+    shapes.check(func, args, kwargs, out)
+
+
+@pytest.mark.parametrize("case", FALLS_THROUGH, ids=[c[0] for c in FALLS_THROUGH])
+def test_unsure_cases_fall_through(case):
+    _, func, args, kwargs = case
+    assert shapes.shortcut(func, args, kwargs) is shapes.MISSING
+
+
+def test_every_rule_is_exercised():
+    """Each rule (one function may serve several ops) takes the shortcut in some case above."""
+    used = {id(shapes.RULES[func]) for _, func, _, _ in APPLIES}
+    missing = {getattr(f, "__name__", repr(f)) for f, rule in shapes.RULES.items() if id(rule) not in used}
+    assert not missing, f"rules without a test case that takes them: {sorted(missing)}"
+
+
+def test_check_catches_a_wrong_shortcut():
+    """Negative control: a shortcut that gets strides or identity wrong is caught."""
+    with pytest.raises(AssertionError, match="gelu"):
+        shapes.check(F.gelu, (NHWC,), {}, meta(2, 8, 5, 6))  # contiguous instead of NHWC's strides
+    with pytest.raises(AssertionError, match="in place"):
+        shapes.check(F.silu, (X, True), {}, meta(2, 8, 5, 6))  # a new tensor for an in-place op
+    with pytest.raises(AssertionError, match="float64"):
+        shapes.check(F.linear, (meta(2, 8), meta(4, 8)), {}, meta(2, 4, dtype=torch.float64))
+
+
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    perm_seed=st.randoms(use_true_random=False),
+    broadcast=st.lists(st.booleans(), min_size=4, max_size=4),
+    op=st.sampled_from([T.add, T.mul, T.sub, T.div, T.add_, T.mul_, F.gelu, F.silu, torch.sigmoid, F.batch_norm]),
+    swap=st.booleans(),
+)
+def test_elementwise_shortcuts_on_random_layouts(shape, perm_seed, broadcast, op, swap):
+    """Any dense permutation of any shape, with an operand broadcast along random axes."""
+    perm = list(range(len(shape)))
+    perm_seed.shuffle(perm)
+    a = meta(*[shape[p] for p in perm]).permute(*[perm.index(d) for d in range(len(shape))])
+    assert tuple(a.shape) == tuple(shape)
+    if op in (F.gelu, F.silu, torch.sigmoid):
+        args: tuple = (a,)
+    elif op is F.batch_norm:
+        args = (a, None, None, None, None, True)
+    else:
+        b = meta(*[1 if bc else s for s, bc in zip(shape, broadcast)])
+        args = (b, a) if swap else (a, b)
+    out = shapes.shortcut(op, args, {})
+    if out is not shapes.MISSING:
+        shapes.check(op, args, {}, out)
+    else:  # only the cases the rules refuse on purpose
+        assert op in (T.add_, T.mul_) and swap or op is F.batch_norm and a.numel() == a.shape[1:2].numel()
