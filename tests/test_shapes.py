@@ -47,6 +47,26 @@ APPLIES = [
     ("conv2d groups", torch.conv2d, (X, meta(8, 2, 3, 3), None, 1, 1, 1, 4), {}),
     ("conv1d", torch.conv1d, (meta(2, 3, 17), meta(5, 3, 4), None, 3), {}),
     ("conv3d", torch.conv3d, (meta(1, 3, 4, 9, 9), meta(5, 3, 2, 3, 3), None, (1, 2, 2)), {}),
+    ("conv2d channels_last", torch.conv2d, (CL, meta(4, 8, 3, 3)), {}),
+    ("conv2d channels_last weight", torch.conv2d, (X, meta(4, 8, 3, 3).contiguous(memory_format=torch.channels_last)),
+     {}),
+    ("conv3d channels_last", torch.conv3d, (meta(2, 8, 3, 5, 6).contiguous(memory_format=torch.channels_last_3d),
+                                            meta(4, 8, 1, 3, 3)), {}),
+    ("adaptive pool", F.adaptive_avg_pool2d, (X, 1), {}),
+    ("adaptive pool channels_last", F.adaptive_avg_pool2d, (CL, (2, 3)), {}),
+    ("adaptive pool None", F.adaptive_avg_pool2d, (meta(8, 5, 6), (None, 3)), {}),
+    ("adaptive pool 1d", F.adaptive_avg_pool1d, (meta(2, 8, 9), 4), {}),
+    ("adaptive pool 3d", F.adaptive_avg_pool3d, (meta(2, 8, 3, 5, 6), (1, 2, 2)), {}),
+    ("max pool", F.max_pool2d, (X, 3, 2, 1), {}),
+    ("max pool ceil", F.max_pool2d, (meta(2, 8, 7, 9), 2), {"ceil_mode": True}),
+    ("max pool ceil edge", F.max_pool2d, (meta(2, 8, 5, 5), 2, 2, 1), {"ceil_mode": True}),
+    ("max pool dilation channels_last", F.max_pool2d, (CL, (3, 2), (1, 2), (1, 0), 2), {}),
+    ("max pool 1d", F.max_pool1d, (meta(2, 8, 11), 3), {}),
+    ("max pool 3d", F.max_pool3d, (meta(2, 8, 4, 6, 6), 2), {}),
+    ("avg pool", F.avg_pool2d, (X, 2), {}),
+    ("avg pool ceil pad", F.avg_pool2d, (meta(2, 8, 7, 9), 3, 2, 1, True, False), {}),
+    ("avg pool 1d", F.avg_pool1d, (meta(2, 8, 11), 3, 2), {}),
+    ("avg pool 3d", F.avg_pool3d, (meta(2, 8, 4, 6, 6), 2), {}),
     ("sdpa", F.scaled_dot_product_attention, (meta(2, 3, 10, 16),) * 3, {}),
     ("sdpa transposed", F.scaled_dot_product_attention, (meta(2, 10, 3, 16).transpose(1, 2),) * 2
      + (meta(2, 3, 10, 8),), {"is_causal": True}),
@@ -87,7 +107,12 @@ FALLS_THROUGH = [
     ("gn groups do not divide", F.group_norm, (X, 3), {}),
     ("ln wrong normalized_shape", F.layer_norm, (meta(2, 7, 8), (7,)), {}),
     ("bn integer", F.batch_norm, (meta(2, 8, dtype=torch.long), None, None), {"training": True}),
-    ("conv channels_last", torch.conv2d, (CL, meta(4, 8, 3, 3)), {}),
+    ("conv not dense", torch.conv2d, (SLICE, meta(4, 8, 3, 3)), {}),
+    ("adaptive pool ambiguous layout", F.adaptive_avg_pool2d, (meta(2, 1, 5, 6), 1), {}),
+    ("max pool indices", F.max_pool2d, (X, 2), {"return_indices": True}),
+    ("max pool padding too large", F.max_pool2d, (X, 2, 1, 2), {}),
+    ("avg pool window larger than input", F.avg_pool2d, (meta(2, 8, 2, 2), 3), {}),
+    ("adaptive pool bad size", F.adaptive_avg_pool2d, (X, (1, 2, 3)), {}),
     ("conv wrong channels", torch.conv2d, (X, meta(4, 3, 3, 3)), {}),
     ("conv padding mode string", torch.conv2d, (X, meta(4, 8, 3, 3), None, 1, "bogus"), {}),
     ("linear wrong in_features", F.linear, (meta(2, 7), meta(4, 8)), {}),
@@ -163,3 +188,37 @@ def test_elementwise_shortcuts_on_random_layouts(shape, perm_seed, broadcast, op
         shapes.check(op, args, {}, out)
     else:  # only the cases the rules refuse on purpose
         assert op in (T.add_, T.mul_) and swap or op is F.batch_norm and a.numel() == a.shape[1:2].numel()
+
+
+@given(
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    stride=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    padding=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+    ceil_mode=st.booleans(),
+    op=st.sampled_from(["conv", "max", "avg"]),
+    channels_last=st.booleans(),
+)
+def test_window_shape_formulas(size, kernel, stride, padding, dilation, ceil_mode, op, channels_last):
+    """Conv and pooling output sizes for random windows: the shortcut agrees with PyTorch, and
+    gives way to it (MISSING) wherever PyTorch rejects the arguments."""
+    x = meta(2, 4, *size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if op == "conv":
+        func, args = torch.conv2d, (x, meta(6, 2, *kernel), None, stride, padding, dilation, 2)
+    elif op == "max":
+        func, args = F.max_pool2d, (x, kernel, stride, padding, dilation, ceil_mode)
+    else:
+        func, args = F.avg_pool2d, (x, kernel, stride, padding, ceil_mode)
+    out = shapes.shortcut(func, args, {})
+    try:
+        func(*args)
+    except RuntimeError:
+        assert out is shapes.MISSING, "the shortcut accepted arguments PyTorch rejects"
+        return
+    if out is not shapes.MISSING:
+        shapes.check(func, args, {}, out)
+    else:
+        assert channels_last and size == (1, 1), "only ambiguous layouts may fall through"

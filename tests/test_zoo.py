@@ -80,8 +80,11 @@ def test_torchvision_sample(name):
 
 
 def _sweep(names, build):
-    """Check every model; INFLATE_ZOO_STRIDE=k checks every k-th name only (a quick look)."""
+    """Check every model. INFLATE_ZOO_STRIDE=k checks every k-th name only (a quick look);
+    INFLATE_ZOO_SHARD=i/n checks the i-th of n interleaved shards (one process each)."""
     names = names[:: int(os.environ.get("INFLATE_ZOO_STRIDE", "1"))]
+    shard, shards = (int(v) for v in os.environ.get("INFLATE_ZOO_SHARD", "0/1").split("/"))
+    names = names[shard::shards]
     counts = {}
     for name in names:
         result = outcome(lambda: build(name))

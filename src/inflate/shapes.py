@@ -10,7 +10,8 @@ operations that dominate real networks the answer is simple, and
 * normalizations and activations keep the input's shape, dtype and strides
   (layer norm: contiguous);
 * ``linear``, ``conv``, attention, ``mean`` over dims, ``matmul``: the usual
-  shape formulas, contiguous;
+  shape formulas, contiguous (on meta even a channels-last conv gives a contiguous
+  output); pooling keeps a contiguous or channels-last layout;
 * ``add``/``sub``/``mul``/``div`` of same-dtype tensors (with broadcasting when
   one operand already has the full shape: the output takes its strides) or of a
   float tensor and a Python number.
@@ -149,7 +150,7 @@ def _conv(dims: int) -> Rule:
         x, weight, bias = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "weight", "bias")))
         if not _meta_float(x, weight, bias) or x.ndim != dims + 2 or weight.ndim != dims + 2:
             return MISSING
-        if not (x.is_contiguous() and weight.is_contiguous()):
+        if not (_dense(x) and _dense(weight)):
             return MISSING
         stride, padding, dilation = (_arg(args, kwargs, 3 + i, n, d) for i, (n, d) in
                                      enumerate((("stride", 1), ("padding", 0), ("dilation", 1))))
@@ -183,6 +184,64 @@ def _tuple(value: Any, dims: int) -> tuple[int, ...] | None:
     if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
         return tuple(value) * dims if len(value) == 1 else tuple(value) if len(value) == dims else None
     return None
+
+
+def _adaptive_avg_pool(dims: int) -> Rule:
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        x, size = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "output_size")
+        if not _meta_float(x) or x.ndim not in (dims + 1, dims + 2) or any(s == 0 for s in x.shape[-dims:]):
+            return MISSING
+        sizes = (size,) * dims if isinstance(size, int) or size is None else tuple(size)
+        if len(sizes) != dims or not all(s is None or (type(s) is int and s > 0) for s in sizes):
+            return MISSING
+        shape = (*x.shape[:-dims], *(x.shape[-dims + i] if s is None else s for i, s in enumerate(sizes)))
+        return _like_layout(x, shape)
+
+    return rule
+
+
+def _pool(dims: int, max_pool: bool) -> Rule:
+    names = ("input", "kernel_size", "stride", "padding") + (("dilation", "ceil_mode", "return_indices")
+                                                             if max_pool else ("ceil_mode",))
+
+    def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        x, kernel, stride, padding, *rest = (_arg(args, kwargs, i, n) for i, n in enumerate(names))
+        dilation, ceil_mode = (rest[0] or 1, rest[1] or False) if max_pool else (1, rest[0] or False)
+        if (max_pool and rest[2]) or not _meta_float(x) or x.ndim not in (dims + 1, dims + 2):
+            return MISSING
+        kernel, dilation = _tuple(kernel, dims), _tuple(dilation, dims)
+        stride, padding = (kernel if stride in (None, [], ()) else _tuple(stride, dims)), _tuple(padding or 0, dims)
+        if None in (kernel, stride, padding, dilation) or not isinstance(ceil_mode, bool):
+            return MISSING
+        spatial = []
+        for size, k, s, p, d in zip(x.shape[-dims:], kernel, stride, padding, dilation):
+            if k < 1 or s < 1 or d < 1 or p < 0 or p > k // 2:
+                return MISSING
+            out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+            if ceil_mode and (out - 1) * s >= size + p:
+                out -= 1
+            if out < 1:
+                return MISSING
+            spatial.append(out)
+        return _like_layout(x, (*x.shape[:-dims], *spatial))
+
+    return rule
+
+
+def _like_layout(x: Tensor, shape: Sequence[int]) -> Any:
+    """A new tensor of ``shape`` in ``x``'s layout, if that is plainly contiguous or channels-last."""
+    if x.is_contiguous() and not _channels_last(x):
+        return _new(shape, x)
+    if _channels_last(x) and not x.is_contiguous():
+        return torch.empty(tuple(shape), dtype=x.dtype, device="meta", memory_format=_CHANNELS_LAST[x.ndim])
+    return MISSING
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.ndim in _CHANNELS_LAST and x.is_contiguous(memory_format=_CHANNELS_LAST[x.ndim])
 
 
 def _attention(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -262,6 +321,15 @@ def _build() -> dict[Any, Rule]:
         torch.conv1d: _conv(1),
         torch.conv2d: _conv(2),
         torch.conv3d: _conv(3),
+        F.adaptive_avg_pool1d: _adaptive_avg_pool(1),
+        F.adaptive_avg_pool2d: _adaptive_avg_pool(2),
+        F.adaptive_avg_pool3d: _adaptive_avg_pool(3),
+        F.max_pool1d: _pool(1, max_pool=True),
+        F.max_pool2d: _pool(2, max_pool=True),
+        F.max_pool3d: _pool(3, max_pool=True),
+        F.avg_pool1d: _pool(1, max_pool=False),
+        F.avg_pool2d: _pool(2, max_pool=False),
+        F.avg_pool3d: _pool(3, max_pool=False),
         T.matmul: _matmul,
         torch.matmul: _matmul,
         T.mean: _mean,
