@@ -35,6 +35,8 @@ APPLIES = [
     ("bn permuted", F.batch_norm, (NHWC, None, None), {"training": True}),
     ("bn half", F.batch_norm, (X.half(), None, None), {"training": True}),
     ("gn", F.group_norm, (X, 2, C8, C8), {}),
+    ("gn channels_last", F.group_norm, (CL, 4), {}),
+    ("gn permuted", F.group_norm, (NHWC, 1, C8, None), {}),
     ("ln", F.layer_norm, (meta(2, 7, 8), (8,), C8, C8), {}),
     ("ln permuted", F.layer_norm, (NHWC.permute(0, 2, 3, 1), (8,)), {}),
     ("linear", F.linear, (meta(2, 7, 8), meta(4, 8), meta(4)), {}),
@@ -105,6 +107,7 @@ FALLS_THROUGH = [
     ("bn one value per channel", F.batch_norm, (meta(1, 8, 1, 1), None, None), {"training": True}),
     ("bn stats of the wrong size", F.batch_norm, (X, meta(4), meta(4)), {}),
     ("gn groups do not divide", F.group_norm, (X, 3), {}),
+    ("gn one value per group", F.group_norm, (meta(1, 4, 1), 4), {}),
     ("ln wrong normalized_shape", F.layer_norm, (meta(2, 7, 8), (7,)), {}),
     ("bn integer", F.batch_norm, (meta(2, 8, dtype=torch.long), None, None), {"training": True}),
     ("conv not dense", torch.conv2d, (SLICE, meta(4, 8, 3, 3)), {}),
@@ -167,7 +170,8 @@ def test_check_catches_a_wrong_shortcut():
     shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
     perm_seed=st.randoms(use_true_random=False),
     broadcast=st.lists(st.booleans(), min_size=4, max_size=4),
-    op=st.sampled_from([T.add, T.mul, T.sub, T.div, T.add_, T.mul_, F.gelu, F.silu, torch.sigmoid, F.batch_norm]),
+    op=st.sampled_from([T.add, T.mul, T.sub, T.div, T.add_, T.mul_, F.gelu, F.silu, torch.sigmoid, F.batch_norm,
+                        F.group_norm, F.layer_norm]),
     swap=st.booleans(),
 )
 def test_elementwise_shortcuts_on_random_layouts(shape, perm_seed, broadcast, op, swap):
@@ -180,6 +184,10 @@ def test_elementwise_shortcuts_on_random_layouts(shape, perm_seed, broadcast, op
         args: tuple = (a,)
     elif op is F.batch_norm:
         args = (a, None, None, None, None, True)
+    elif op is F.group_norm:
+        args = (a, 1)
+    elif op is F.layer_norm:
+        args = (a, a.shape[-1:])
     else:
         b = meta(*[1 if bc else s for s, bc in zip(shape, broadcast)])
         args = (b, a) if swap else (a, b)
@@ -187,7 +195,11 @@ def test_elementwise_shortcuts_on_random_layouts(shape, perm_seed, broadcast, op
     if out is not shapes.MISSING:
         shapes.check(op, args, {}, out)
     else:  # only the cases the rules refuse on purpose
-        assert op in (T.add_, T.mul_) and swap or op is F.batch_norm and a.numel() == a.shape[1:2].numel()
+        one_per_channel = a.numel() == a.shape[1:2].numel()
+        # a broadcast operand first, with two or more axes of its own: its order competes with a's
+        competing = swap and args[0].shape != a.shape and sum(size > 1 for size in args[0].shape) > 1
+        assert (op in (T.add_, T.mul_) and swap or competing or op is F.batch_norm and (a.ndim < 2 or one_per_channel)
+                or op is F.group_norm and (a.ndim < 2 or a.numel() == 1))
 
 
 @given(
@@ -221,4 +233,5 @@ def test_window_shape_formulas(size, kernel, stride, padding, dilation, ceil_mod
     if out is not shapes.MISSING:
         shapes.check(func, args, {}, out)
     else:
-        assert channels_last and size == (1, 1), "only ambiguous layouts may fall through"
+        ambiguous = x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        assert ambiguous and op != "conv", "only pooling of ambiguous layouts may fall through"

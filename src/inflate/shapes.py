@@ -8,7 +8,7 @@ operations that dominate real networks the answer is simple, and
 :func:`shortcut` gives it directly:
 
 * normalizations and activations keep the input's shape, dtype and strides
-  (layer norm: contiguous);
+  (layer and group norm: contiguous);
 * ``linear``, ``conv``, attention, ``mean`` over dims, ``matmul``: the usual
   shape formulas, contiguous (on meta even a channels-last conv gives a contiguous
   output); pooling keeps a contiguous or channels-last layout;
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MISSING", "RULES", "shortcut", "check", "meta_like"]
+__all__ = ["MISSING", "RULES", "Mismatch", "shortcut", "check", "meta_like"]
 
 #: Returned by :func:`shortcut` when no rule applies.
 MISSING: Any = object()
@@ -118,9 +118,9 @@ def _group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
     if not _meta_float(x, weight, bias) or x.ndim < 2 or not _dense(x) or not _per_channel(x, weight, bias):
         return MISSING
-    if type(groups) is not int or groups < 1 or x.shape[1] % groups:
-        return MISSING
-    return meta_like(x)
+    if type(groups) is not int or groups < 1 or x.shape[1] % groups or x.numel() // groups == 1:
+        return MISSING  # (the last: one value per group, which PyTorch refuses)
+    return _new(x.shape, x)  # contiguous, whatever the input's layout
 
 
 def _layer_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -297,7 +297,11 @@ def _binary(inplace: bool) -> Rule:
                 if inplace or not _dense(b) or a.ndim > b.ndim or any(
                         sa not in (1, sb) for sa, sb in zip(a.shape[::-1], b.shape[::-1])):
                     return MISSING
-                return meta_like(b)  # a broadcast into b's shape: b's layout decides
+                # a broadcast into b's shape: the output follows a's order of its own axes
+                # longer than 1, then b's. With at most one such axis in a, that is b's layout.
+                if sum(size > 1 for size in a.shape) <= 1:
+                    return meta_like(b)
+                return _new(b.shape, b) if a.is_contiguous() and b.is_contiguous() else MISSING
         elif type(b) is int and inplace and not a.is_floating_point() and not a.is_complex() and a.dtype != torch.bool:
             return a  # e.g. a batch norm's num_batches_tracked += 1
         elif type(b) not in (int, float) or not _meta_float(a):
@@ -366,13 +370,17 @@ def shortcut(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, An
     return MISSING if rule is None else rule(args, kwargs)
 
 
+class Mismatch(AssertionError):
+    """A shortcut disagreed with PyTorch (raised by :func:`check`): a bug in a rule."""
+
+
 def _layout(t: Tensor) -> tuple[Any, ...]:
     """Shape, dtype, device and the strides that matter (those of axes longer than 1)."""
     return tuple(t.shape), t.dtype, t.device, tuple(st for size, st in zip(t.shape, t.stride()) if size > 1)
 
 
 def check(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> None:
-    """Raise ``AssertionError`` unless ``out`` is laid out like what ``func`` itself returns.
+    """Raise :class:`Mismatch` unless ``out`` is laid out like what ``func`` itself returns.
 
     Compared: shape, dtype, device, the strides of axes longer than 1, and for in-place
     operations the identity of the returned tensor.
@@ -383,5 +391,5 @@ def check(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
     same = isinstance(real, Tensor) and _layout(real) == _layout(out) and real_inplace == ours_inplace
     if not same or (real_inplace and real is not out):
         want = (_layout(real), "in place" if real_inplace else "new") if isinstance(real, Tensor) else real
-        raise AssertionError(f"shortcut for {getattr(func, '__name__', func)} gave "
+        raise Mismatch(f"shortcut for {getattr(func, '__name__', func)} gave "
                              f"{(_layout(out), 'in place' if ours_inplace else 'new')}, PyTorch gives {want}")

@@ -181,7 +181,7 @@ def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Own
     for attempt, example in enumerate(examples, 1):
         try:
             return _run(model, walk, example, True, factory, stack)
-        except (InflateError, AssertionError):  # AssertionError: a failed shapes.check, a bug to report
+        except (InflateError, shapes.Mismatch):  # Mismatch: a failed shapes.check, a bug to report
             raise
         except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
             if not example.is_meta:
