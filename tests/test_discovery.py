@@ -123,6 +123,36 @@ def test_discovery_changes_nothing_and_leaves_no_hooks():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+def test_discovery_restores_the_very_same_parameters_and_drops_what_forward_registers():
+    """Stand-ins are swapped in for the call only: afterwards every module holds its own
+    Parameter and buffer objects again, and a buffer the forward registered (a lazily built
+    cache, here) is not left behind as a meta tensor, also when the forward fails."""
+
+    class Cached(nn.Module):
+        def __init__(self, fail=False):
+            super().__init__()
+            self.conv, self.fail = nn.Conv2d(3, 4, 3), fail
+
+        def forward(self, x):
+            self.register_buffer("cache", torch.zeros(1, device=x.device))
+            if self.fail:
+                raise RuntimeError("no")
+            return self.conv(x) + self.cache
+
+    for fail in (False, True):
+        model = Cached(fail)
+        params = [id(p) for p in model.parameters()]
+        dicts = (id(model.conv._parameters), id(model._buffers))
+        if fail:
+            with pytest.raises(InflateError):
+                find_input_layers(model)
+        else:
+            assert find_input_layers(model) == ["conv"]
+        assert [id(p) for p in model.parameters()] == params
+        assert (id(model.conv._parameters), id(model._buffers)) == dicts
+        assert "cache" not in model._buffers and all(not t.is_meta for t in model.state_dict().values())
+
+
 def test_wrappers_are_looked_through():
     net = nn.Sequential(nn.Conv2d(3, 4, 3))
     assert find_input_layers(nn.DataParallel(net), X) == ["0"]

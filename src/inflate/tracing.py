@@ -1,8 +1,9 @@
 """Run a model once on the meta device while a TorchFunctionMode watches every tensor operation.
 
-Every parameter and buffer is swapped for a meta twin by
-:func:`torch.func.functional_call`: no memory, no real compute, and the model is
-neither copied nor changed. If the forward cannot run on meta (data-dependent
+Every parameter and buffer is swapped for a meta twin (each module's parameter
+and buffer dicts are replaced for the duration of the call, as
+:func:`torch.func.functional_call` does attribute by attribute, and then put back):
+no memory, no real compute, and the model is neither copied nor changed. If the forward cannot run on meta (data-dependent
 control flow, tensors kept outside parameters and buffers) and a real example
 input was given, it runs once for real under ``torch.no_grad()`` with cloned
 buffers, so running statistics are not touched.
@@ -116,14 +117,17 @@ def default_example_inputs(model: nn.Module) -> list[Tensor]:
     return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
 
 
-def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[dict[str, Tensor], Owners]:
-    """Stand-ins for every parameter and buffer: meta twins, or (real run) the parameters
-    themselves and clones of the buffers."""
+Swap = tuple[nn.Module, dict[str, Any], dict[str, Any]]
+
+
+def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], Owners]:
+    """For every module, parameter and buffer dicts holding stand-ins: meta twins, or
+    (real run) the parameters themselves and clones of the buffers. A tensor shared
+    by several modules gets one stand-in."""
     twins: dict[int, Tensor] = {}
-    state: dict[str, Tensor] = {}
     owners: Owners = {}
+    swaps: dict[int, Swap] = {}
     for mod_name, module in walk:
-        prefix = f"{mod_name}." if mod_name else ""
         for attr, p in module._parameters.items():
             if p is None:
                 continue
@@ -131,31 +135,46 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[dict[str, Ten
             if twin is None:
                 twin = twins[id(p)] = shapes.meta_like(p) if meta else p
                 owners[id(twin)] = []
-            state[prefix + attr] = twin
             entry = owners[id(twin)]
             if all(o[0] != mod_name for o in entry):
                 entry.append((mod_name, attr))
-        for attr, b in module._buffers.items():
-            if b is None:
-                continue
-            twin = twins.get(id(b))
-            if twin is None:
-                twin = twins[id(b)] = shapes.meta_like(b) if meta else b.clone()
-            state[prefix + attr] = twin
-    return state, owners
+        if id(module) in swaps:
+            continue
+        for b in module._buffers.values():
+            if b is not None and id(b) not in twins:
+                twins[id(b)] = shapes.meta_like(b) if meta else b.clone()
+        swaps[id(module)] = (module, {a: None if p is None else twins[id(p)] for a, p in module._parameters.items()},
+                             {a: None if b is None else twins[id(b)] for a, b in module._buffers.items()})
+    return list(swaps.values()), owners
+
+
+@contextmanager
+def _swapped(swaps: list[Swap]) -> Iterator[None]:
+    """Every module reads its stand-ins; afterwards each gets back its own dicts (the very
+    objects), so the model is exactly as before, and whatever the forward registered is dropped."""
+    saved = []
+    try:
+        for module, params, buffers in swaps:
+            attrs = module.__dict__
+            saved.append((attrs, attrs["_parameters"], attrs["_buffers"]))
+            attrs["_parameters"], attrs["_buffers"] = params, buffers
+        yield
+    finally:
+        for attrs, params, buffers in saved:
+            attrs["_parameters"], attrs["_buffers"] = params, buffers
 
 
 def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], example: Tensor, meta: bool,
          factory: Callable[[Owners, dict[int, str]], T], stack: bool) -> T:
-    state, owners = _twins(walk, meta)
+    swaps, owners = _twins(walk, meta)
     modules = {id(m): n for n, m in walk}
     x = shapes.meta_like(example) if meta else example.detach()
     if x.ndim < 2:
         raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
     tracer = factory(owners, modules)
     tracer.start(x)
-    with torch.no_grad(), _module_stack(tracer) if stack else nullcontext(), tracer:
-        out = torch.func.functional_call(model, state, (x,), tie_weights=False, strict=False)
+    with torch.no_grad(), _swapped(swaps), _module_stack(tracer) if stack else nullcontext(), tracer:
+        out = model(x)
     tracer.finish(out)
     return tracer
 
