@@ -183,3 +183,15 @@ def test_tensors_made_like_the_input_do_not_carry_it():
             return grid + self.conv(x) + torch.zeros_like(x[:, :2])
 
     assert find_input_layers(Grid(), X) == ["conv"]
+
+
+def test_shared_modules_get_their_own_parameters_back():
+    """One module registered under two names (CoaT shares its position encodings so):
+    every name of it holds the real parameters again after discovery."""
+    shared = nn.Conv2d(4, 4, 1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), shared, nn.ReLU(), shared)
+    params = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    assert find_input_layers(model, X) == ["0"]
+    assert {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)} == params
+    assert not any(p.is_meta for p in model.parameters())
+    model(X)  # still runs for real

@@ -16,6 +16,14 @@ D = torch.float64
 CHAOTIC = 1e-6  # an output tolerance above this means rounding alone scrambles the output
 
 
+class Untestable(Exception):
+    """The original network itself cannot be run as the check needs (not the library's doing)."""
+
+
+class TooBig(MemoryError):
+    """Skipped on purpose: float64 copies of the model would not fit (INFLATE_ZOO_MAX_PARAMS)."""
+
+
 def sensitize(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
     """Move random-init weights away from values that make a network blind to its input.
 
@@ -80,12 +88,25 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
     layers (100x float64 rounding) becomes at its output, measured by :func:`amplification`;
     past ``CHAOTIC`` the output says nothing and only the layers are judged.
     """
-    net = sensitize(model.to(D), shape, seed).eval()
+    try:
+        net = sensitize(model.to(D), shape, seed).eval()
+    except Exception as error:  # noqa: BLE001 - e.g. an aux head that cannot run at this size in train mode
+        raise Untestable(f"the original network fails in train mode: {type(error).__name__}") from error
     example = torch.zeros(1, *shape, dtype=D)
-    layers = find_input_layers(net, example)
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn((2, *shape), generator=gen, dtype=D) for _ in range(n)]
+    with torch.no_grad():
+        before = net(xs[0])
+    if not torch.isfinite(before).all():
+        raise Untestable("the original network's output is not finite")
+    layers = find_input_layers(net, example)
+    with torch.no_grad():
+        after = net(xs[0])  # discovery must leave the model exactly as it was
+    if not torch.equal(before, after):
+        raise RuntimeError("find_input_layers changed the model: its output differs afterwards")
     out_tol = max(1e-10, 1e-13 * amplification(net, layers, xs[0]))
+    if not math.isfinite(out_tol):
+        raise Untestable("the original network's output is not finite once its input layers are nudged")
     if out_tol > CHAOTIC:  # rounding alone scrambles this random network's output: judge at the layers
         out_tol = math.inf
     zero = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=example)
@@ -106,18 +127,31 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
 
 
 def outcome(build) -> str:
-    """'exact', 'refused: ...', 'unbuildable: ...' or 'WRONG: ...' (a silently wrong inflation).
+    """What became of one model, as ``'<kind>: <details>'``.
+
+    Kinds: ``exact``; ``exact at the layers`` (output chaotic, see :func:`check`);
+    ``refused`` (a clear InflateError); ``too big`` (skipped on purpose); ``unbuildable``
+    (the model cannot be built or run at all); ``untestable`` (the original network fails
+    the check's own runs, e.g. non-finite output); and two failures of the library:
+    ``WRONG`` (the inflated model is not equivalent or does not run) and ``ERROR``
+    (inflation raised something other than InflateError).
 
     ``build()`` returns ``(model, input shape)`` or raises if the model cannot be built or run.
     """
     try:
         model, shape = build()
+    except TooBig as error:
+        return f"too big: {error}"
     except Exception as error:  # noqa: BLE001 - models that cannot run are counted, not tested
         return f"unbuildable: {type(error).__name__}"
     try:
         result = check(model, shape)
     except InflateError as error:
         return "refused: " + str(error).splitlines()[-1].strip()[:120]
+    except Untestable as error:
+        return f"untestable: {error}"
     except AssertionError as error:
         return "WRONG: " + " ".join(str(error).split())[:300]
+    except Exception as error:  # noqa: BLE001 - anything else escaped the library or the inflated model
+        return f"ERROR: {type(error).__name__}: " + " ".join(str(error).split())[:300]
     return "exact" if math.isfinite(result["output_rtol"]) else "exact at the layers (output chaotic)"
