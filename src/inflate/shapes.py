@@ -145,16 +145,21 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return _new((*x.shape[:-1], weight.shape[0]), x)
 
 
+_CONV_ARGS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+              ("groups", 1))
+
+
 def _conv(dims: int) -> Rule:
     def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        x, weight, bias = (_arg(args, kwargs, i, n) for i, n in enumerate(("input", "weight", "bias")))
+        if len(args) == 7 and not kwargs:  # how nn.Conv*d calls it
+            x, weight, bias, stride, padding, dilation, groups = args
+        else:
+            x, weight, bias, stride, padding, dilation, groups = (
+                _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_CONV_ARGS))
         if not _meta_float(x, weight, bias) or x.ndim != dims + 2 or weight.ndim != dims + 2:
             return MISSING
-        if not (_dense(x) and _dense(weight)):
+        if not ((x.is_contiguous() or _dense(x)) and (weight.is_contiguous() or _dense(weight))):
             return MISSING
-        stride, padding, dilation = (_arg(args, kwargs, 3 + i, n, d) for i, (n, d) in
-                                     enumerate((("stride", 1), ("padding", 0), ("dilation", 1))))
-        groups = _arg(args, kwargs, 6, "groups", 1)
         stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
         if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
             return MISSING

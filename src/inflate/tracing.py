@@ -136,7 +136,7 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], O
                 twin = twins[id(p)] = shapes.meta_like(p) if meta else p
                 owners[id(twin)] = []
             entry = owners[id(twin)]
-            if all(o[0] != mod_name for o in entry):
+            if not entry or entry[-1][0] != mod_name:  # a module's own entries are consecutive
                 entry.append((mod_name, attr))
         if id(module) in swaps:
             continue
