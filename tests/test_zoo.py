@@ -79,10 +79,16 @@ def test_torchvision_sample(name):
     assert diffs["zero"] <= diffs["output_rtol"] and diffs["repeat"] <= diffs["output_rtol"], diffs
 
 
-def _sweep(names, build):
+def _sweep(registry, names, build):
     """Check every model. INFLATE_ZOO_STRIDE=k checks every k-th name only (a quick look);
-    INFLATE_ZOO_SHARD=i/n checks the i-th of n interleaved shards (one process each)."""
+    INFLATE_ZOO_SHARD=i/n checks the i-th of n interleaved shards (one process each);
+    INFLATE_ZOO_SKIP=file skips the ``registry:name`` lines in that file (finishing an
+    interrupted sweep)."""
     names = names[:: int(os.environ.get("INFLATE_ZOO_STRIDE", "1"))]
+    if os.environ.get("INFLATE_ZOO_SKIP"):
+        with open(os.environ["INFLATE_ZOO_SKIP"]) as f:
+            skip = {line.strip() for line in f}
+        names = [n for n in names if f"{registry}:{n}" not in skip]
     shard, shards = (int(v) for v in os.environ.get("INFLATE_ZOO_SHARD", "0/1").split("/"))
     names = names[shard::shards]
     counts = {}
@@ -127,7 +133,7 @@ def test_full_timm_registry():
                 last = error
         raise last
 
-    _sweep(timm.list_models(), build)
+    _sweep("timm", timm.list_models(), build)
 
 
 @pytest.mark.zoo_full
@@ -144,4 +150,4 @@ def test_full_torchvision_classification_zoo():
             raise TooBig(f"{count / 1e6:.0f}M parameters > INFLATE_ZOO_MAX_PARAMS")
         return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224))
 
-    _sweep(torchvision.models.list_models(module=torchvision.models), build)
+    _sweep("torchvision", torchvision.models.list_models(module=torchvision.models), build)
