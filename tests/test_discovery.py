@@ -125,8 +125,9 @@ def test_discovery_changes_nothing_and_leaves_no_hooks():
 
 def test_discovery_restores_the_very_same_parameters_and_drops_what_forward_registers():
     """Stand-ins are swapped in for the call only: afterwards every module holds its own
-    Parameter and buffer objects again, and a buffer the forward registered (a lazily built
-    cache, here) is not left behind as a meta tensor, also when the forward fails."""
+    Parameter and buffer objects again, and what the forward registered or set (a lazily
+    built cache, the last input, a call counter) is not left behind, also when the forward
+    fails."""
 
     class Cached(nn.Module):
         def __init__(self, fail=False):
@@ -135,6 +136,8 @@ def test_discovery_restores_the_very_same_parameters_and_drops_what_forward_regi
 
         def forward(self, x):
             self.register_buffer("cache", torch.zeros(1, device=x.device))
+            self.last_input = x  # a plain attribute: would keep a meta tensor
+            self.conv.calls = getattr(self.conv, "calls", 0) + 1
             if self.fail:
                 raise RuntimeError("no")
             return self.conv(x) + self.cache
@@ -151,6 +154,7 @@ def test_discovery_restores_the_very_same_parameters_and_drops_what_forward_regi
         assert [id(p) for p in model.parameters()] == params
         assert (id(model.conv._parameters), id(model._buffers)) == dicts
         assert "cache" not in model._buffers and all(not t.is_meta for t in model.state_dict().values())
+        assert not hasattr(model, "last_input") and not hasattr(model.conv, "calls")
 
 
 def test_wrappers_are_looked_through():

@@ -150,18 +150,21 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], O
 
 @contextmanager
 def _swapped(swaps: list[Swap]) -> Iterator[None]:
-    """Every module reads its stand-ins; afterwards each gets back its own dicts (the very
-    objects), so the model is exactly as before, and whatever the forward registered is dropped."""
+    """Every module reads its stand-ins during the call. Afterwards each module's attributes
+    are exactly what they were (the very same objects): the parameter, buffer and submodule
+    dicts, and any plain attribute a forward set or replaced, such as a cached tensor."""
     saved = []
     try:
         for module, params, buffers in swaps:
             attrs = module.__dict__
-            saved.append((attrs, attrs["_parameters"], attrs["_buffers"]))
+            saved.append((attrs, attrs.copy()))
             attrs["_parameters"], attrs["_buffers"] = params, buffers
+            attrs["_modules"] = dict(attrs["_modules"])  # a submodule registered in forward is dropped
         yield
     finally:
-        for attrs, params, buffers in saved:
-            attrs["_parameters"], attrs["_buffers"] = params, buffers
+        for attrs, before in saved:
+            attrs.clear()
+            attrs.update(before)
 
 
 def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], example: Tensor, meta: bool,
