@@ -2,8 +2,9 @@
 
 Every parameter and buffer is swapped for a meta twin (each module's parameter
 and buffer dicts are replaced for the duration of the call, as
-:func:`torch.func.functional_call` does attribute by attribute, and then put back):
-no memory, no real compute, and the model is neither copied nor changed. If the forward cannot run on meta (data-dependent
+:func:`torch.func.functional_call` does attribute by attribute; afterwards every
+module's attributes are put back as the very same objects): no memory, no real
+compute, and the model is neither copied nor changed. If the forward cannot run on meta (data-dependent
 control flow, tensors kept outside parameters and buffers) and a real example
 input was given, it runs once for real under ``torch.no_grad()`` with cloned
 buffers, so running statistics are not touched.
