@@ -106,11 +106,7 @@ def _tensors(tree: Any) -> list[Tensor]:
                 found.extend(_tensors(item))
         return found
     if kind is dict:
-        return _tensors(list(tree.values())) if all(type(k) is str for k in tree) else _pytree_tensors(tree)
-    return _pytree_tensors(tree)
-
-
-def _pytree_tensors(tree: Any) -> list[Tensor]:
+        return _tensors(list(tree.values()))
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from . import dataflow
 from .errors import InflateError
 from .tracing import Owners, Tracer, trace, unwrap
 
@@ -56,8 +57,8 @@ class _OrderTracer(Tracer):
         self.order: dict[int, None] = {}
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        for t in torch.utils._pytree.tree_leaves((args, kwargs or {})):
-            if isinstance(t, Tensor) and id(t) in self.owners:
+        for t in dataflow._tensors((args, kwargs or {})):
+            if id(t) in self.owners:
                 self.order.setdefault(id(t), None)
         return self.call(func, args, kwargs or {})
 
