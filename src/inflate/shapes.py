@@ -24,7 +24,6 @@ one dtype, contiguous (or, for the stride-keeping ones, dense) operands, no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -158,7 +157,7 @@ def _conv(dims: int) -> Rule:
                 _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_CONV_ARGS))
         if not _meta_float(x, weight, bias) or x.ndim != dims + 2 or weight.ndim != dims + 2:
             return MISSING
-        if not ((x.is_contiguous() or _dense(x)) and (weight.is_contiguous() or _dense(weight))):
+        if not (_dense(x) and _dense(weight)):
             return MISSING
         stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
         if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
@@ -287,6 +286,11 @@ def _mean(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return _new(shape, x)
 
 
+def _broadcasts_into(small: Tensor, big: Tensor) -> bool:
+    """``small`` broadcasts to ``big``'s shape (every axis of ``small`` is 1 or ``big``'s)."""
+    return small.ndim <= big.ndim and all(s in (1, b) for s, b in zip(small.shape[::-1], big.shape[::-1]))
+
+
 def _binary(inplace: bool) -> Rule:
     def rule(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         if len(args) != 2 or set(kwargs) - {"alpha"}:
@@ -297,10 +301,8 @@ def _binary(inplace: bool) -> Rule:
         if isinstance(b, Tensor):
             if not _meta_float(a, b):
                 return MISSING
-            if a.shape != b.shape and (b.ndim > a.ndim or any(
-                    sb not in (1, sa) for sa, sb in zip(a.shape[::-1], b.shape[::-1]))):
-                if inplace or not _dense(b) or a.ndim > b.ndim or any(
-                        sa not in (1, sb) for sa, sb in zip(a.shape[::-1], b.shape[::-1])):
+            if a.shape != b.shape and not _broadcasts_into(b, a):
+                if inplace or not _dense(b) or not _broadcasts_into(a, b):
                     return MISSING
                 # a broadcast into b's shape: the output follows a's order of its own axes
                 # longer than 1, then b's. With at most one such axis in a, that is b's layout.
