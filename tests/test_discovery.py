@@ -155,6 +155,7 @@ def test_discovery_restores_the_very_same_parameters_and_drops_what_forward_regi
         assert (id(model.conv._parameters), id(model._buffers)) == dicts
         assert "cache" not in model._buffers and all(not t.is_meta for t in model.state_dict().values())
         assert not hasattr(model, "last_input") and not hasattr(model.conv, "calls")
+        assert all("forward" not in m.__dict__ for m in model.modules())  # no lowered forward left behind
 
 
 def test_wrappers_are_looked_through():

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import shapes
+from . import leaves, shapes
 from .errors import InflateError
 
 __all__ = ["Tracer", "trace", "unwrap", "default_example_inputs"]
@@ -70,6 +70,26 @@ class Tracer(TorchFunctionMode):
     def finish(self, out: Any) -> None:
         """Called with the model output after the forward pass."""
 
+    def lowered(self, module: nn.Module) -> Callable[..., Any] | None:
+        """A stand-in for ``module.forward`` that hands this tracer the operations the
+        stock forward would make (:mod:`inflate.leaves`), without running the forward."""
+        lower = leaves.lowering(module)
+        if lower is None:
+            return None
+        stock = type(module).forward.__get__(module)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+                with torch._C.DisableTorchFunction():  # as inside __torch_function__: the mode is off
+                    calls = lower(module, args[0])
+                    if calls is not None:
+                        for func, call_args, call_kwargs in calls:
+                            out = self.__torch_function__(func, (), call_args, call_kwargs)
+                        return out
+            return stock(*args, **kwargs)
+
+        return forward
+
 
 T = TypeVar("T", bound=Tracer)
 
@@ -118,6 +138,7 @@ def default_example_inputs(model: nn.Module) -> list[Tensor]:
     return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
 
 
+#: A module and the parameter and buffer dicts it reads during the trace.
 Swap = tuple[nn.Module, dict[str, Any], dict[str, Any]]
 
 
@@ -150,9 +171,10 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], O
 
 
 @contextmanager
-def _swapped(swaps: list[Swap]) -> Iterator[None]:
-    """Every module reads its stand-ins during the call. Afterwards each module's attributes
-    are exactly what they were (the very same objects): the parameter, buffer and submodule
+def _swapped(swaps: list[Swap], lowered: Callable[[nn.Module], Callable[..., Any] | None]) -> Iterator[None]:
+    """Every module reads its stand-ins during the call, and a stock layer's forward is
+    ``lowered(module)`` where that is not None. Afterwards each module's attributes are
+    exactly what they were (the very same objects): the parameter, buffer and submodule
     dicts, and any plain attribute a forward set or replaced, such as a cached tensor."""
     saved = []
     try:
@@ -161,6 +183,9 @@ def _swapped(swaps: list[Swap]) -> Iterator[None]:
             saved.append((attrs, attrs.copy()))
             attrs["_parameters"], attrs["_buffers"] = params, buffers
             attrs["_modules"] = dict(attrs["_modules"])  # a submodule registered in forward is dropped
+            forward = lowered(module)
+            if forward is not None:
+                attrs["forward"] = forward
         yield
     finally:
         for attrs, before in saved:
@@ -170,14 +195,13 @@ def _swapped(swaps: list[Swap]) -> Iterator[None]:
 
 def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], example: Tensor, meta: bool,
          factory: Callable[[Owners, dict[int, str]], T], stack: bool) -> T:
-    swaps, owners = _twins(walk, meta)
-    modules = {id(m): n for n, m in walk}
     x = shapes.meta_like(example) if meta else example.detach()
     if x.ndim < 2:
         raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
-    tracer = factory(owners, modules)
+    swaps, owners = _twins(walk, meta)
+    tracer = factory(owners, {id(m): n for n, m in walk})
     tracer.start(x)
-    with torch.no_grad(), _swapped(swaps), _module_stack(tracer) if stack else nullcontext(), tracer:
+    with torch.no_grad(), _swapped(swaps, tracer.lowered), _module_stack(tracer) if stack else nullcontext(), tracer:
         out = model(x)
     tracer.finish(out)
     return tracer
