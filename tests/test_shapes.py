@@ -97,6 +97,14 @@ APPLIES = [
     ("sub scalar", T.sub, (X, 1), {}),
     ("div float", T.div, (NHWC, 3.0), {}),
     ("add_", T.add_, (meta(2, 8, 5, 6), X), {}),
+    ("dropout eval", F.dropout, (NHWC,), {"p": 0.2, "training": False, "inplace": False}),
+    ("dropout p=0", F.dropout, (X, 0.0), {}),
+    ("dropout train", F.dropout, (CL,), {"p": 0.5, "training": True, "inplace": False}),
+    ("dropout train permuted", F.dropout, (NHWC, 1.0), {}),
+    ("dropout inplace", F.dropout, (X, 0.5, True, True), {}),
+    ("cat", torch.cat, ([meta(2, 1, 8).expand(2, 1, 8), meta(2, 5, 8)], 1), {}),
+    ("cat negative dim", torch.cat, ((meta(2, 3), meta(2, 4)),), {"dim": -1}),
+    ("cat 4d", torch.cat, ([X, meta(2, 3, 5, 6)], 1), {}),
     ("add_ int counter", T.add_, (meta(dtype=torch.long), 1), {}),
     ("mul_ broadcast", T.mul_, (meta(2, 8, 5, 6), meta(8, 1, 1)), {}),
 ]
@@ -132,6 +140,12 @@ FALLS_THROUGH = [
     ("add_ not dense", T.add, (SLICE, 1.0), {}),
     ("div rounding", T.div, (X, 2.0), {"rounding_mode": "floor"}),
     ("gelu not dense", F.gelu, (SLICE,), {}),
+    ("dropout p out of range", F.dropout, (X, 1.5), {}),
+    ("dropout train not dense", F.dropout, (SLICE, 0.5, True), {}),
+    ("cat channels_last", torch.cat, ([CL, CL], 1), {}),
+    ("cat shapes differ", torch.cat, ([meta(2, 3), meta(3, 3)], 1), {}),
+    ("cat mixed dtypes", torch.cat, ([meta(2, 3), meta(2, 3).half()],), {}),
+    ("cat out", torch.cat, ([meta(2, 3), meta(2, 3)],), {"out": meta(4, 3)}),
 ]
 
 

@@ -42,12 +42,15 @@ CHECK = False
 Rule = Callable[[Sequence[Any], dict[str, Any]], Any]
 
 
-def _meta_float(*tensors: Any) -> bool:
-    """All are floating meta tensors of one dtype."""
-    first = tensors[0]
+def _meta_float(first: Any, *others: Any) -> bool:
+    """All are floating meta tensors of one dtype (``others`` may also be None)."""
     if not isinstance(first, Tensor) or not first.is_meta or not first.is_floating_point():
         return False
-    return all(t is None or (isinstance(t, Tensor) and t.is_meta and t.dtype == first.dtype) for t in tensors[1:])
+    dtype = first.dtype
+    for t in others:  # a plain loop: this runs for almost every operation of a trace
+        if t is not None and not (isinstance(t, Tensor) and t.is_meta and t.dtype == dtype):
+            return False
+    return True
 
 
 def _dense(x: Tensor) -> bool:
@@ -63,16 +66,27 @@ def _dense(x: Tensor) -> bool:
     return True
 
 
+#: The meta device (an object: parsing the string costs more than making a meta tensor).
+_META = torch.device("meta")
+
+
 def _new(shape: Sequence[int], like: Tensor) -> Tensor:
-    return torch.empty(tuple(shape), dtype=like.dtype, device="meta")
+    return torch.empty(tuple(shape), dtype=like.dtype, device=_META)
+
+
+def _same_layout(x: Tensor) -> Tensor:
+    """A new meta tensor with ``x``'s shape, strides and dtype (``x`` known to be dense)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
 
 
 def meta_like(x: Tensor) -> Tensor:
-    """``torch.empty_like(x, device="meta")``: the same strides when ``x`` is dense, about
-    30x faster than ``empty_like`` itself, whose meta path runs Python."""
+    """``torch.empty_like(x, device="meta")``: the same strides when ``x`` is dense, without
+    the Python path that ``empty_like`` takes for a meta ``x`` (about 30x slower)."""
+    if not x.is_meta:
+        return torch.empty_like(x, device=_META)  # all in C++: keeps a dense x's strides
     if _dense(x):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-    return torch.empty_like(x, device="meta")
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
+    return torch.empty_like(x, device=_META)
 
 
 def _arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
@@ -90,26 +104,36 @@ def _same(inplace_at: int | None = None, inplace: bool = False) -> Rule:
         flag = inplace or (inplace_at is not None and _arg(args, kwargs, inplace_at, "inplace", False))
         if isinstance(flag, Tensor):
             return MISSING
-        return x if flag else meta_like(x)
+        return x if flag else _same_layout(x)
 
     return rule
 
 
 def _per_channel(x: Tensor, *params: Any) -> bool:
     """Each of ``params`` is None or a vector of ``x``'s channel count (``x.shape[1]``)."""
-    return all(p is None or tuple(p.shape) == (x.shape[1],) for p in params)
+    channels = (x.shape[1],)
+    for p in params:
+        if p is not None and p.shape != channels:
+            return False
+    return True
+
+
+_BATCH_NORM_ARGS = ("input", "running_mean", "running_var", "weight", "bias")
 
 
 def _batch_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    x = _arg(args, kwargs, 0, "input")
-    params = [_arg(args, kwargs, i, n) for i, n in
-              enumerate(("running_mean", "running_var", "weight", "bias"), 1)]
-    training = _arg(args, kwargs, 5, "training", False)
+    if len(args) == 3:  # how nn.BatchNorm*d calls it: the rest by keyword
+        x, mean, var = args
+        params = [mean, var, kwargs.get("weight"), kwargs.get("bias")]
+        training = kwargs.get("training", False)
+    else:
+        x, *params = (_arg(args, kwargs, i, n) for i, n in enumerate(_BATCH_NORM_ARGS))
+        training = _arg(args, kwargs, 5, "training", False)
     if not _meta_float(x, *params) or x.ndim < 2 or not _dense(x) or not _per_channel(x, *params):
         return MISSING
     if training is not False and (not isinstance(training, bool) or x.numel() == x.shape[1]):
         return MISSING  # one value per channel: PyTorch raises, let it
-    return meta_like(x)
+    return _same_layout(x)
 
 
 def _group_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -128,20 +152,27 @@ def _layer_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     if not _meta_float(x, weight, bias):
         return MISSING
     normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
-    if not normalized or len(normalized) > x.ndim or tuple(x.shape[-len(normalized):]) != normalized:
+    n = len(normalized)
+    if not n or n > x.ndim or x.shape[-n:] != normalized:
         return MISSING
-    if any(p is not None and tuple(p.shape) != normalized for p in (weight, bias)):
+    if (weight is not None and weight.shape != normalized) or (bias is not None and bias.shape != normalized):
         return MISSING
-    return _new(x.shape, x)
+    return torch.empty(x.shape, dtype=x.dtype, device=_META)
 
 
 def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    if not _meta_float(x, weight, bias) or weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+    if len(args) == 3 and not kwargs:  # how nn.Linear calls it
+        x, weight, bias = args
+    else:
+        x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if not _meta_float(x, weight, bias):
         return MISSING
-    if bias is not None and tuple(bias.shape) not in ((weight.shape[0],), ()):
+    shape, rows = x.shape, weight.shape
+    if len(rows) != 2 or not shape or shape[-1] != rows[1]:
         return MISSING
-    return _new((*x.shape[:-1], weight.shape[0]), x)
+    if bias is not None and bias.shape != (rows[0],) and bias.ndim != 0:
+        return MISSING
+    return torch.empty((*shape[:-1], rows[0]), dtype=x.dtype, device=_META)
 
 
 _CONV_ARGS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
@@ -155,38 +186,47 @@ def _conv(dims: int) -> Rule:
         else:
             x, weight, bias, stride, padding, dilation, groups = (
                 _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(_CONV_ARGS))
-        if not _meta_float(x, weight, bias) or x.ndim != dims + 2 or weight.ndim != dims + 2:
+        if not _meta_float(x, weight, bias):
             return MISSING
-        if not (_dense(x) and _dense(weight)):
+        shape, kernel = x.shape, weight.shape
+        if len(shape) != dims + 2 or len(kernel) != dims + 2 or not (_dense(x) and _dense(weight)):
             return MISSING
         stride, dilation = _tuple(stride, dims), _tuple(dilation, dims)
-        if stride is None or dilation is None or not isinstance(groups, int) or groups < 1:
+        if stride is None or dilation is None or type(groups) is not int or groups < 1:
             return MISSING
-        if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        if shape[1] != kernel[1] * groups or kernel[0] % groups:
             return MISSING
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        if bias is not None and bias.shape != (kernel[0],):
             return MISSING
-        kernel = weight.shape[2:]
         if padding == "same":
-            spatial: tuple[int, ...] = tuple(x.shape[2:])
+            spatial = list(shape[2:])
+            if 0 in spatial:
+                return MISSING
         else:
             pad = (0,) * dims if padding == "valid" else _tuple(padding, dims)
             if pad is None:
                 return MISSING
-            spatial = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
-                            for size, p, d, k, s in zip(x.shape[2:], pad, dilation, kernel, stride))
-        if any(s <= 0 for s in spatial):
-            return MISSING
-        return _new((x.shape[0], weight.shape[0], *spatial), x)
+            spatial = []
+            for i in range(dims):  # a plain loop: every conv of a trace comes here
+                size = (shape[i + 2] + 2 * pad[i] - dilation[i] * (kernel[i + 2] - 1) - 1) // stride[i] + 1
+                if size <= 0:
+                    return MISSING
+                spatial.append(size)
+        return torch.empty((shape[0], kernel[0], *spatial), dtype=x.dtype, device=_META)
 
     return rule
 
 
 def _tuple(value: Any, dims: int) -> tuple[int, ...] | None:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if type(value) is int:
         return (value,) * dims
-    if isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value):
-        return tuple(value) * dims if len(value) == 1 else tuple(value) if len(value) == dims else None
+    if isinstance(value, (tuple, list)):
+        for v in value:
+            if not isinstance(v, int):
+                return None
+        if len(value) == dims:
+            return tuple(value)
+        return tuple(value) * dims if len(value) == 1 else None
     return None
 
 
@@ -237,7 +277,7 @@ def _like_layout(x: Tensor, shape: Sequence[int]) -> Any:
     if x.is_contiguous() and not _channels_last(x):
         return _new(shape, x)
     if _channels_last(x) and not x.is_contiguous():
-        return torch.empty(tuple(shape), dtype=x.dtype, device="meta", memory_format=_CHANNELS_LAST[x.ndim])
+        return torch.empty(tuple(shape), dtype=x.dtype, device=_META, memory_format=_CHANNELS_LAST[x.ndim])
     return MISSING
 
 
@@ -286,6 +326,40 @@ def _mean(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return _new(shape, x)
 
 
+def _dropout(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    x, p = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "p", 0.5)
+    training, inplace = _arg(args, kwargs, 2, "training", True), _arg(args, kwargs, 3, "inplace", False)
+    if not _meta_float(x) or type(p) not in (int, float) or not 0 <= p <= 1:
+        return MISSING  # (a p out of range: PyTorch raises, let it)
+    if type(training) is not bool or type(inplace) is not bool:
+        return MISSING
+    if not training or p == 0 or inplace:
+        return x  # no dropout, or in place: the input itself
+    return _same_layout(x) if _dense(x) else MISSING
+
+
+def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    tensors, dim = _arg(args, kwargs, 0, "tensors"), _arg(args, kwargs, 1, "dim", 0)
+    if set(kwargs) - {"tensors", "dim"} or type(tensors) not in (tuple, list) or not tensors or type(dim) is not int:
+        return MISSING
+    first = tensors[0]
+    if not _meta_float(*tensors):
+        return MISSING
+    ndim = first.ndim
+    if ndim == 0 or not -ndim <= dim < ndim:
+        return MISSING
+    dim %= ndim
+    shape = list(first.shape)
+    for t in tensors[1:]:
+        other = t.shape
+        if len(other) != ndim or any(other[d] != shape[d] for d in range(ndim) if d != dim):
+            return MISSING
+        shape[dim] += other[dim]
+    if ndim in _CHANNELS_LAST and not all(t.is_contiguous() and not _channels_last(t) for t in tensors):
+        return MISSING  # 4-D and 5-D outputs follow the inputs' memory format
+    return torch.empty(shape, dtype=first.dtype, device=_META)  # other ranks: always contiguous
+
+
 def _broadcasts_into(small: Tensor, big: Tensor) -> bool:
     """``small`` broadcasts to ``big``'s shape (every axis of ``small`` is 1 or ``big``'s)."""
     return small.ndim <= big.ndim and all(s in (1, b) for s, b in zip(small.shape[::-1], big.shape[::-1]))
@@ -307,7 +381,7 @@ def _binary(inplace: bool) -> Rule:
                 # a broadcast into b's shape: the output follows a's order of its own axes
                 # longer than 1, then b's. With at most one such axis in a, that is b's layout.
                 if sum(size > 1 for size in a.shape) <= 1:
-                    return meta_like(b)
+                    return _same_layout(b)
                 return _new(b.shape, b) if a.is_contiguous() and b.is_contiguous() else MISSING
         elif type(b) is int and inplace and not a.is_floating_point() and not a.is_complex() and a.dtype != torch.bool:
             return a  # e.g. a batch norm's num_batches_tracked += 1
@@ -315,7 +389,7 @@ def _binary(inplace: bool) -> Rule:
             return MISSING
         if inplace:
             return a
-        return meta_like(a) if _dense(a) else MISSING
+        return _same_layout(a) if _dense(a) else MISSING
 
     return rule
 
@@ -345,6 +419,8 @@ def _build() -> dict[Any, Rule]:
         torch.matmul: _matmul,
         T.mean: _mean,
         torch.mean: _mean,
+        F.dropout: _dropout,
+        torch.cat: _cat,
         F.hardtanh: _same(inplace_at=3),
         F.leaky_relu: _same(inplace_at=2),
         F.elu: _same(inplace_at=2),
