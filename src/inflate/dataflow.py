@@ -86,7 +86,8 @@ _FRESH = set(
 Lookup = Callable[[Tensor], Union[Tag, None]]
 
 
-_ATOMS = (int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis), torch.memory_format)
+_ATOMS = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis),
+                    torch.memory_format))
 
 
 def _tensors(tree: Any) -> list[Tensor]:

@@ -98,7 +98,12 @@ class _InputTracer(Tracer):
         operands = dataflow._tensors(args)
         if kwargs:
             operands += dataflow._tensors(kwargs)
-        if not any(id(t) in tags for t in operands) or dataflow.is_fresh(func) or not dataflow._tensors(out):
+        for t in operands:  # most operations meet no tagged tensor: leave as soon as that is known
+            if id(t) in tags:
+                break
+        else:
+            return out
+        if dataflow.is_fresh(func) or not dataflow._tensors(out):
             return out
         seen = [self.tag(t) for t in operands]
         if any(t is not None for t in seen):
