@@ -48,13 +48,23 @@ def _plan_one(model: nn.Module, layer: InputLayer, channels: Sequence[int], init
     if layer.layout.groups > 1 and not is_conv:
         raise InflateError(f"{label}: expected groups=1 for a layer that is not an nn.Conv module, "
                            f"got groups={layer.layout.groups}")
+    layout = layer.layout
+    # a plain conv or linear weight (out, C, *k) is its canonical kernel but for two axes of
+    # size 1: a named rule can work on it directly (a callable is promised the canonical form)
+    plain = isinstance(init, str) and layout.kind != "transposed" and layout.groups == layout.outer == layout.inner == 1
     with torch.no_grad():
-        kernel = to_canonical(old.detach(), layer.layout)
+        kernel = old.detach() if plain else to_canonical(old.detach(), layout)
         if kernel.shape[1] != layer.channels:
             raise InflateError(f"{label}: expected {layer.channels} input channels in its weight, "
                                f"found {kernel.shape[1]} (weight shape {tuple(old.shape)})")
-        stored = from_canonical(inflate_kernel(kernel, channels, init, scale), layer.layout)
-        stored = stored.to(dtype=old.dtype, device=old.device).contiguous(memory_format=_memory_format(old))
+        stored = inflate_kernel(kernel, channels, init, scale)
+        if not plain:
+            stored = from_canonical(stored, layout)
+        if stored.dtype != old.dtype or stored.device != old.device:
+            stored = stored.to(dtype=old.dtype, device=old.device)
+        memory_format = _memory_format(old)
+        if not stored.is_contiguous(memory_format=memory_format):
+            stored = stored.contiguous(memory_format=memory_format)
     attrs: dict[str, Any] = {}
     in_axis = 0 if layer.layout.kind == "transposed" else 1
     if is_conv:

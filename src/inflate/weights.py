@@ -156,6 +156,7 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
     n = len(channels)
     divisor = n if scale and init in ("repeat", "average") else 1
     blocks = []
+    same = None  # the block of every input with C channels under "repeat", made once
     for i, ci in enumerate(channels):
         if callable(init):
             blocks.append(_check_block(init(kernel, i, ci), (out, ci, *rest), kernel, i))
@@ -166,5 +167,7 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
             mean = kernel.sum(1, keepdim=True) / ci
             blocks.append((mean / divisor).expand(out, ci, *rest))
         else:
-            blocks.append(kernel / divisor if divisor != 1 else kernel)
+            if same is None:
+                same = kernel / divisor if divisor != 1 else kernel
+            blocks.append(same)
     return torch.cat(blocks, dim=1)
