@@ -85,12 +85,12 @@ def main() -> None:
         (params, n, t_build, t_inflate), other = least_contended(
             lambda: measure(name, device, repeats, budget), retries)
         ratio = t_inflate / t_build
-        rows.append([name, device, f"{params / 1e6:,.1f}", n, f"{t_build:.3f}", f"{t_inflate:.3f}",
+        rows.append([name, device, f"{params / 1e6:,.1f}", n, f"{t_build:.3f}", f"{t_inflate * 1e3:.1f}",
                      f"{100 * ratio:.1f}%", "yes" if ratio <= GOAL else "no", f"{other:.0%}"])
         print(f"  done {name} ({device})", file=sys.stderr, flush=True)
     print(f"\nInflation time vs construction time (torch {torch.__version__}, timm {timm.__version__}, "
           f"{torch.get_num_threads()} threads, {load}; goal: inflation <= {GOAL:.0%} of construction)\n")
-    print(table(["model", "device", "params (M)", "n", "construct (s)", "inflate (s)", "inflate/construct",
+    print(table(["model", "device", "params (M)", "n", "construct (s)", "inflate (ms)", "inflate/construct",
                  "<= 5%", "other CPU"], rows))
     print("\nother CPU: share of the CPUs used by other processes during the row (> ~5%: do not trust it)")
 

@@ -79,18 +79,22 @@ def test_torchvision_sample(name):
     assert diffs["zero"] <= diffs["output_rtol"] and diffs["repeat"] <= diffs["output_rtol"], diffs
 
 
-def _sweep(registry, names, build):
-    """Check every model. INFLATE_ZOO_STRIDE=k checks every k-th name only (a quick look);
-    INFLATE_ZOO_SHARD=i/n checks the i-th of n interleaved shards (one process each);
-    INFLATE_ZOO_SKIP=file skips the ``registry:name`` lines in that file (finishing an
-    interrupted sweep)."""
+def _names(registry, names):
+    """INFLATE_ZOO_STRIDE=k keeps every k-th name only (a quick look); INFLATE_ZOO_SHARD=i/n
+    the i-th of n interleaved shards (one process each); INFLATE_ZOO_SKIP=file drops the
+    ``registry:name`` lines in that file (finishing an interrupted sweep)."""
     names = names[:: int(os.environ.get("INFLATE_ZOO_STRIDE", "1"))]
     if os.environ.get("INFLATE_ZOO_SKIP"):
         with open(os.environ["INFLATE_ZOO_SKIP"]) as f:
             skip = {line.strip() for line in f}
         names = [n for n in names if f"{registry}:{n}" not in skip]
     shard, shards = (int(v) for v in os.environ.get("INFLATE_ZOO_SHARD", "0/1").split("/"))
-    names = names[shard::shards]
+    return names[shard::shards]
+
+
+def _sweep(registry, names, build):
+    """Check every model of :func:`_names`."""
+    names = _names(registry, names)
     counts = {}
     for name in names:
         result = outcome(lambda: build(name))
@@ -151,3 +155,40 @@ def test_full_torchvision_classification_zoo():
         return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224))
 
     _sweep("torchvision", torchvision.models.list_models(module=torchvision.models), build)
+
+
+@pytest.mark.zoo_full
+def test_full_timm_registry_traces_alike_without_shortcuts(monkeypatch):
+    """Every timm architecture, built on the meta device (any size): discovery finds the same
+    layers, problems or error with its shortcuts (the shape rules of ``inflate.shapes``, the
+    stock-layer calls of ``inflate.leaves``) as with PyTorch's meta kernels and every forward run."""
+    from inflate import discovery, shapes, tracing
+
+    def found(model):
+        try:
+            result = discovery.discover(model)
+        except Exception as error:  # noqa: BLE001 - the same error both ways is agreement
+            return type(error).__name__
+        return [(layer.name, layer.param, layer.layout, layer.channels) for layer in result.layers], result.problems
+
+    counts = {"same": 0, "unbuildable": 0}
+    differ = []
+    for name in _names("timm", timm.list_models()):
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name)
+        except Exception:  # noqa: BLE001 - constructors that compute on real tensors
+            counts["unbuildable"] += 1
+            continue
+        fast = found(model)
+        with monkeypatch.context() as plain:
+            plain.setattr(shapes, "RULES", {})
+            plain.setattr(tracing.Tracer, "lowered", lambda self, module: None)
+            slow = found(model)
+        if fast == slow:
+            counts["same"] += 1
+        else:
+            differ.append(name)
+            print(f"{name}: with shortcuts {fast}, without {slow}")
+    print("summary:", counts, "differ:", len(differ))
+    assert not differ, f"discovery changed with the shortcuts on: {differ}"
