@@ -80,8 +80,10 @@ class Tracer(TorchFunctionMode):
         stock = type(module).forward.__get__(module)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-                with torch._C.DisableTorchFunction():  # as inside __torch_function__: the mode is off
+            # a plain tensor only: a subclass may have a __torch_function__ of its own, which the
+            # calls below (made with torch functions off, as inside this mode's handler) would skip
+            if len(args) == 1 and not kwargs and type(args[0]) is Tensor:
+                with torch._C.DisableTorchFunction():
                     calls = lower(module, args[0])
                     if calls is not None:
                         for func, call_args, call_kwargs in calls:
