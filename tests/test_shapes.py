@@ -105,6 +105,9 @@ APPLIES = [
     ("cat", torch.cat, ([meta(2, 1, 8).expand(2, 1, 8), meta(2, 5, 8)], 1), {}),
     ("cat negative dim", torch.cat, ((meta(2, 3), meta(2, 4)),), {"dim": -1}),
     ("cat 4d", torch.cat, ([X, meta(2, 3, 5, 6)], 1), {}),
+    ("reshape copying", T.reshape, (meta(2, 12, 10, 64).transpose(1, 2), 2, 10, 768), {}),
+    ("reshape copying -1", T.reshape, (meta(2, 12, 10, 64).transpose(1, 2), (2, -1, 768)), {}),
+    ("reshape copying permuted", torch.reshape, (NHWC, [2, -1]), {}),
     ("add_ int counter", T.add_, (meta(dtype=torch.long), 1), {}),
     ("mul_ broadcast", T.mul_, (meta(2, 8, 5, 6), meta(8, 1, 1)), {}),
 ]
@@ -146,6 +149,12 @@ FALLS_THROUGH = [
     ("cat shapes differ", torch.cat, ([meta(2, 3), meta(3, 3)], 1), {}),
     ("cat mixed dtypes", torch.cat, ([meta(2, 3), meta(2, 3).half()],), {}),
     ("cat out", torch.cat, ([meta(2, 3), meta(2, 3)],), {"out": meta(4, 3)}),
+    ("reshape contiguous", T.reshape, (X, 2, -1), {}),
+    ("reshape viewable", T.reshape, (meta(2, 12, 10, 64).transpose(1, 2), 2, 10, 12, 8, 8), {}),
+    ("reshape viewable slice", T.reshape, (SLICE, 2, 8, 30), {}),
+    ("reshape permuted viewable", T.reshape, (NHWC, 2, 8, 30), {}),
+    ("reshape wrong numel", T.reshape, (NHWC, 2, 7, -1), {}),
+    ("reshape two -1", T.reshape, (NHWC, -1, -1), {}),
 ]
 
 
@@ -249,3 +258,31 @@ def test_window_shape_formulas(size, kernel, stride, padding, dilation, ceil_mod
     else:
         ambiguous = x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         assert ambiguous and op != "conv", "only pooling of ambiguous layouts may fall through"
+
+
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    perm_seed=st.randoms(use_true_random=False),
+    merge=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_reshape_shortcut_on_random_layouts(shape, perm_seed, merge):
+    """Any dense permutation, reshaped to its sizes shuffled and partly merged: the shortcut
+    gives PyTorch's copy exactly when PyTorch cannot make a view."""
+    perm = list(range(len(shape)))
+    perm_seed.shuffle(perm)
+    a = meta(*[shape[p] for p in perm]).permute(*[perm.index(d) for d in range(len(shape))])
+    sizes = list(shape)
+    perm_seed.shuffle(sizes)
+    new = [sizes[0]]
+    for size, join in zip(sizes[1:], merge):
+        if join:
+            new[-1] *= size
+        else:
+            new.append(size)
+    out = shapes.shortcut(T.reshape, (a, *new), {})
+    real = a.reshape(new)
+    if out is shapes.MISSING:  # declined: PyTorch's reshape is a view (or the input is contiguous)
+        assert a.is_contiguous() or real._is_view()
+    else:
+        assert not real._is_view()
+        shapes.check(T.reshape, (a, *new), {}, out)

@@ -14,7 +14,9 @@ operations that dominate real networks the answer is simple, and
   output); pooling keeps a contiguous or channels-last layout;
 * ``add``/``sub``/``mul``/``div`` of same-dtype tensors (with broadcasting when
   one operand already has the full shape: the output takes its strides) or of a
-  float tensor and a Python number.
+  float tensor and a Python number;
+* ``dropout`` (the input itself when it does nothing or works in place), ``cat``
+  (contiguous), and a ``reshape`` that no view can make (a contiguous copy).
 
 A rule applies only to the plain case it is sure of: floating meta tensors of
 one dtype, contiguous (or, for the stride-keeping ones, dense) operands, no
@@ -360,6 +362,50 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return torch.empty(shape, dtype=first.dtype, device=_META)  # other ranks: always contiguous
 
 
+def _viewable(shape: Sequence[int], stride: Sequence[int], new: Sequence[int]) -> bool:
+    """Whether a tensor of ``shape`` and ``stride`` can be viewed as ``new`` (ATen's
+    ``computeStride``: every run of axes merged or split must be contiguous in itself)."""
+    view_d, base = len(new) - 1, stride[-1]
+    tensor_numel = view_numel = 1
+    for d in range(len(shape) - 1, -1, -1):
+        tensor_numel *= shape[d]
+        if d == 0 or (shape[d - 1] != 1 and stride[d - 1] != tensor_numel * base):
+            while view_d >= 0 and (view_numel < tensor_numel or new[view_d] == 1):
+                view_numel *= new[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return False
+            if d > 0:
+                base, tensor_numel, view_numel = stride[d - 1], 1, 1
+    return view_d == -1
+
+
+def _reshape(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Only the copying case (a non-contiguous tensor that no view can reshape), whose
+    meta path runs Python: a new contiguous tensor. Views are left to PyTorch (quick)."""
+    if kwargs or len(args) < 2 or not isinstance(args[0], Tensor):
+        return MISSING
+    x = args[0]
+    new = args[1] if len(args) == 2 and type(args[1]) in (tuple, list, torch.Size) else args[1:]
+    if not x.is_meta or x.ndim == 0 or x.is_contiguous() or not all(type(n) is int for n in new):
+        return MISSING
+    numel, known = x.numel(), 1
+    for n in new:
+        if n != -1:
+            known *= n
+    if numel == 0 or known == 0 or any(n < -1 for n in new):
+        return MISSING
+    if -1 in new:
+        if list(new).count(-1) > 1 or numel % known:
+            return MISSING
+        new = [numel // known if n == -1 else n for n in new]
+    elif known != numel:
+        return MISSING
+    if _viewable(x.shape, x.stride(), new):
+        return MISSING
+    return torch.empty(tuple(new), dtype=x.dtype, device=_META)
+
+
 def _broadcasts_into(small: Tensor, big: Tensor) -> bool:
     """``small`` broadcasts to ``big``'s shape (every axis of ``small`` is 1 or ``big``'s)."""
     return small.ndim <= big.ndim and all(s in (1, b) for s, b in zip(small.shape[::-1], big.shape[::-1]))
@@ -421,6 +467,8 @@ def _build() -> dict[Any, Rule]:
         torch.mean: _mean,
         F.dropout: _dropout,
         torch.cat: _cat,
+        T.reshape: _reshape,
+        torch.reshape: _reshape,
         F.hardtanh: _same(inplace_at=3),
         F.leaky_relu: _same(inplace_at=2),
         F.elu: _same(inplace_at=2),
