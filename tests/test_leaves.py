@@ -177,18 +177,15 @@ def test_modules_that_are_not_stock_get_no_lowering(make):
     assert lower is None or lower(module, torch.randn(1, 3, 8, 8)) is None
 
 
-def test_discovery_through_lowered_layers_matches_the_real_forwards():
+def test_discovery_through_lowered_layers_matches_the_real_forwards(monkeypatch):
     """The layers found, and the problems, are the same with the lowering switched off."""
     from inflate import discovery, tracing
 
     def both(model, x):
         with_lowering = discovery.discover(model, x)
-        original = tracing.Tracer.lowered
-        tracing.Tracer.lowered = lambda self, module: None  # type: ignore[method-assign]
-        try:
+        with monkeypatch.context() as off:
+            off.setattr(tracing.Tracer, "lowered", lambda self, module: None)
             without = discovery.discover(model, x)
-        finally:
-            tracing.Tracer.lowered = original  # type: ignore[method-assign]
         return with_lowering, without
 
     class Twice(nn.Module):  # one conv reads the input, then its own output: a problem either way
