@@ -210,3 +210,30 @@ def test_discovery_through_lowered_layers_matches_the_real_forwards(monkeypatch)
     assert find_input_layers(cases[0][0], cases[0][1]) == ["0"]
     assert both(*cases[3])[0].problems == ["layer 'conv' reads the input and also other tensors: widening it would "
                                            "break those other uses"]
+
+
+def test_a_tensor_subclass_runs_the_real_forward():
+    """The lowered calls are made with torch functions off, which would skip a subclass's own
+    ``__torch_function__``: a subclass input gets the stock forward instead."""
+    from inflate.tracing import Tracer
+
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Recording(Tracer):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(("tracer", func))
+            return func(*args, **(kwargs or {}))
+
+    conv = nn.Conv2d(3, 4, 3)
+    forward = Recording({}, {}).lowered(conv)
+    forward(torch.randn(1, 3, 8, 8))
+    assert seen == [("tracer", F.conv2d)]  # a plain tensor: the tracer is handed the call
+    seen.clear()
+    forward(torch.randn(1, 3, 8, 8).as_subclass(Logged))
+    assert F.conv2d in seen and not any(isinstance(s, tuple) for s in seen)
