@@ -52,7 +52,8 @@ META = torch.device("meta")
 
 
 def empty_meta(shape: Sequence[int], like: Tensor) -> Tensor:
-    return torch.empty(tuple(shape), dtype=like.dtype, device=META)
+    """A new contiguous meta tensor of ``shape`` and ``like``'s dtype."""
+    return torch.empty(shape, dtype=like.dtype, device=META)
 
 
 def same_layout(x: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ def meta_like(x: Tensor) -> Tensor:
     if not x.is_meta:
         return torch.empty_like(x, device=META)  # all in C++: keeps a dense x's strides
     if dense(x):
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=META)
+        return same_layout(x)
     return torch.empty_like(x, device=META)
 
 

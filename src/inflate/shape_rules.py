@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layouts import (CHANNELS_LAST, META, MISSING, Rule, arg, as_tuple, dense, empty_meta, is_channels_last,
+from .layouts import (CHANNELS_LAST, MISSING, Rule, arg, as_tuple, dense, empty_meta, is_channels_last,
                       like_layout, meta_float, same_layout)
 
 __all__ = ["build"]
@@ -79,7 +79,7 @@ def _layer_norm(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         return MISSING
     if (weight is not None and weight.shape != normalized) or (bias is not None and bias.shape != normalized):
         return MISSING
-    return torch.empty(x.shape, dtype=x.dtype, device=META)
+    return empty_meta(x.shape, x)
 
 
 def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -94,7 +94,7 @@ def _linear(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         return MISSING
     if bias is not None and bias.shape != (rows[0],) and bias.ndim != 0:
         return MISSING
-    return torch.empty((*shape[:-1], rows[0]), dtype=x.dtype, device=META)
+    return empty_meta((*shape[:-1], rows[0]), x)
 
 
 _CONV_ARGS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
@@ -134,7 +134,7 @@ def _conv(dims: int) -> Rule:
                 if size <= 0:
                     return MISSING
                 spatial.append(size)
-        return torch.empty((shape[0], kernel[0], *spatial), dtype=x.dtype, device=META)
+        return empty_meta((shape[0], kernel[0], *spatial), x)
 
     return rule
 
@@ -250,7 +250,7 @@ def _cat(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         shape[dim] += other[dim]
     if ndim in CHANNELS_LAST and not all(t.is_contiguous() and not is_channels_last(t) for t in tensors):
         return MISSING  # 4-D and 5-D outputs follow the inputs' memory format
-    return torch.empty(shape, dtype=first.dtype, device=META)  # other ranks: always contiguous
+    return empty_meta(shape, first)  # other ranks: always contiguous
 
 
 def _viewable(shape: Sequence[int], stride: Sequence[int], new: Sequence[int]) -> bool:
@@ -294,7 +294,7 @@ def _reshape(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         return MISSING
     if _viewable(x.shape, x.stride(), new):
         return MISSING
-    return torch.empty(tuple(new), dtype=x.dtype, device=META)
+    return empty_meta(new, x)
 
 
 def _broadcasts_into(small: Tensor, big: Tensor) -> bool:
