@@ -44,7 +44,7 @@ root_doc = "index"
 # -- autodoc + napoleon (Google-style docstrings) --------------------------------
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_type_aliases = {"Init": "inflate.weights.Init"}
+autodoc_type_aliases = {"Init": "inflate.rules.Init"}
 autodoc_inherit_docstrings = False  # nn.Module's own docstrings are not ours to render
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False

@@ -28,7 +28,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     net = nn.Linear(2, 2)
     save_checkpoint(tmp_path / "m", net, {"step": 1})
     before = (tmp_path / "m.safetensors").read_bytes()
-    import inflate.checkpoint as ckpt
+    import inflate._checkpoint as ckpt
 
     real = ckpt.os.fsync
     monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))

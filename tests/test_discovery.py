@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 from inflate import InflateError, find_input_layers
-from inflate.discovery import discover
+from inflate._discovery import discover
 
 from . import models
 

@@ -37,7 +37,7 @@ def test_layers_are_in_forward_order_with_norms_attached():
 
 
 def test_a_norm_before_the_first_weight_layer_joins_it_once():
-    from inflate.freeze import trace_layers
+    from inflate._finetune import trace_layers
 
     units = trace_layers(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
     assert [(u.name, u.norms, sorted(u.params)) for u in units] == [
@@ -45,7 +45,7 @@ def test_a_norm_before_the_first_weight_layer_joins_it_once():
 
 
 def test_timm_layers_and_params_are_all_covered():
-    from inflate.freeze import trace_layers
+    from inflate._finetune import trace_layers
 
     model = timm.create_model("resnet18")
     units = trace_layers(model)

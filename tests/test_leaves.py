@@ -1,6 +1,6 @@
 """A stock layer's lowering is exactly what its forward hands a TorchFunctionMode.
 
-For every layer kind of :mod:`inflate.leaves` (and its odd configurations), the calls
+For every layer kind of :mod:`inflate._leaves` (and its odd configurations), the calls
 the real forward makes are recorded under a mode and compared with the lowering: the same
 functions, the very same tensor objects, equal other arguments, positional or keyword
 alike. Shape queries (``x.dim()``, which the forward makes to check its input) are the
@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from inflate import find_input_layers, leaves
-from inflate.leaves import Call
+from inflate import find_input_layers, _leaves as leaves
+from inflate._leaves import Call
 
 
 class Recorder(TorchFunctionMode):
@@ -179,7 +179,7 @@ def test_modules_that_are_not_stock_get_no_lowering(make):
 
 def test_discovery_through_lowered_layers_matches_the_real_forwards(monkeypatch):
     """The layers found, and the problems, are the same with the lowering switched off."""
-    from inflate import discovery, tracing
+    from inflate import _discovery as discovery, _tracer as tracing
 
     def both(model, x):
         with_lowering = discovery.discover(model, x)
@@ -215,7 +215,7 @@ def test_discovery_through_lowered_layers_matches_the_real_forwards(monkeypatch)
 def test_a_tensor_subclass_runs_the_real_forward():
     """The lowered calls are made with torch functions off, which would skip a subclass's own
     ``__torch_function__``: a subclass input gets the stock forward instead."""
-    from inflate.tracing import Tracer
+    from inflate._tracer import Tracer
 
     seen = []
 

@@ -1,6 +1,6 @@
-"""The meta-output shortcuts of ``inflate.shapes`` agree with PyTorch's own meta kernels.
+"""The meta-output shortcuts of ``inflate._shapes`` agree with PyTorch's own meta kernels.
 
-Every case runs the shortcut and, where it applies, :func:`inflate.shapes.check` (the real
+Every case runs the shortcut and, where it applies, :func:`inflate._shapes.check` (the real
 meta kernel: same shape, dtype, strides of axes longer than 1, in place or not). Each rule
 must apply to at least one case, and the odd cases (mixed dtypes, overlapping strides,
 ``out=``-like keywords) must fall through to PyTorch. The whole suite also runs with
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inflate import shapes
+from inflate import _shapes as shapes
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -85,10 +85,10 @@ def test_check_inflation_does_not_touch_the_model_and_catches_a_broken_rule(monk
     state = copy.deepcopy(net.state_dict())
     assert check_inflation(net, 3, init="repeat", example_input=torch.zeros(1, 3, 8, 8)).max_relative_diff < 1e-12
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
-    import inflate.weights as weights
+    import inflate.rules as weights
 
     real = weights.inflate_kernel
-    monkeypatch.setattr("inflate.surgery.inflate_kernel",
+    monkeypatch.setattr("inflate._surgery.inflate_kernel",
                         lambda k, ch, init, scale: real(k, ch, init, scale) * (1 + 1e-9))
     with pytest.raises(AssertionError, match="relative L2 difference"):
         check_inflation(net, 2, init="zero", example_input=torch.zeros(1, 3, 8, 8))

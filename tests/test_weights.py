@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from inflate import InflateError
-from inflate.weights import KernelLayout, from_canonical, inflate_kernel, to_canonical
+from inflate.rules import KernelLayout, from_canonical, inflate_kernel, to_canonical
 
 D = torch.float64
 

@@ -160,9 +160,9 @@ def test_full_torchvision_classification_zoo():
 @pytest.mark.zoo_full
 def test_full_timm_registry_traces_alike_without_shortcuts(monkeypatch):
     """Every timm architecture, built on the meta device (any size): discovery finds the same
-    layers, problems or error with its shortcuts (the shape rules of ``inflate.shapes``, the
-    stock-layer calls of ``inflate.leaves``) as with PyTorch's meta kernels and every forward run."""
-    from inflate import discovery, shapes, tracing
+    layers, problems or error with its shortcuts (the shape rules of ``inflate._shapes``, the
+    stock-layer calls of ``inflate._leaves``) as with PyTorch's meta kernels and every forward run."""
+    from inflate import _discovery as discovery, _shapes as shapes, _tracer as tracing
 
     def found(model):
         try:

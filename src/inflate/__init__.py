@@ -10,14 +10,14 @@ Example:
     6
 """
 
-from .batchnorm import BatchNormPin, pin_batchnorm
-from .caching import FrozenSplit, split_frozen
-from .checkpoint import load_checkpoint, save_checkpoint
-from .discovery import find_input_layers
-from .errors import InflateError
-from .freeze import FinetuneReport, check_optimizer, finetune, layers
-from .inflation import inflate_first_conv
-from .training import Spike, SpikeMonitor
+from ._batchnorm import BatchNormPin, pin_batchnorm
+from ._split_frozen import FrozenSplit, split_frozen
+from ._checkpoint import load_checkpoint, save_checkpoint
+from ._discovery import find_input_layers
+from ._errors import InflateError
+from ._finetune import FinetuneReport, check_optimizer, finetune, layers
+from ._inflate import inflate_first_conv
+from ._spikes import Spike, SpikeMonitor
 
 __all__ = [
     "BatchNormPin",

@@ -13,14 +13,14 @@ Example:
     True
 """
 
-from .assertions import (
+from ._assertions import (
     Report,
     assert_repeat_equivalent,
     assert_zero_inflation_equivalent,
     check_inflation,
     default_rtol,
 )
-from .strategies import SmallConvNet, conv_nets, input_batches
+from ._strategies import SmallConvNet, conv_nets, input_batches
 
 __all__ = [
     "Report",

@@ -7,7 +7,7 @@ reshapes and permutations that keep the channel block whole). Anything else
 turns the tag into a :class:`Lost` tag that remembers the operation: a layer
 that later reads such a tensor cannot be inflated exactly.
 
-This module only decides tags; :mod:`inflate.discovery` runs the model.
+This module only decides tags; :mod:`inflate._discovery` runs the model.
 """
 
 from __future__ import annotations

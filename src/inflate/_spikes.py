@@ -6,7 +6,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import InflateError
+from ._errors import InflateError
 
 __all__ = ["Spike", "SpikeMonitor"]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import InflateError
-from .tracing import unwrap
+from ._errors import InflateError
+from ._tracer import unwrap
 
 __all__ = ["BatchNormPin", "pin_batchnorm"]
 
@@ -112,7 +112,7 @@ def pin_batchnorm(model: nn.Module, mode: str, *, small_batch: str = "warn", min
         >>> _ = net.eval()(torch.randn(1, 3, 1, 1))
         Traceback (most recent call last):
         ...
-        inflate.errors.InflateError: batch norm '1' (BatchNorm2d) pinned to train mode: expected a batch of at least 2 samples and more than 1 value per channel, got shape (1, 4, 1, 1) (1 value(s) per channel); its batch statistics and running statistics come from too few values
+        inflate._errors.InflateError: batch norm '1' (BatchNorm2d) pinned to train mode: expected a batch of at least 2 samples and more than 1 value per channel, got shape (1, 4, 1, 1) (1 value(s) per channel); its batch statistics and running statistics come from too few values
     """
     if mode not in _MODES:
         raise InflateError(f"mode: expected one of {_MODES}, got {mode!r}")

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..tracing import unwrap
-from ..inflation import inflate_first_conv
+from .._tracer import unwrap
+from .._inflate import inflate_first_conv
 
 __all__ = [
     "Report",
@@ -211,8 +211,8 @@ def check_inflation(
         >>> check_inflation(net, 4, init="repeat", example_input=torch.zeros(2, 1, 6, 6, 6)).diffs.keys()
         dict_keys(["layer '0'", 'output'])
     """
-    from ..discovery import discover
-    from ..tracing import default_example_inputs
+    from .._discovery import discover
+    from .._tracer import default_example_inputs
 
     if init not in ("zero", "repeat"):
         raise ValueError(f"init: expected 'zero' or 'repeat', got {init!r}")

@@ -1,9 +1,9 @@
 """Which layers read the model input, found by following the data.
 
 The model runs once on the **meta device** (shapes only: no memory, no real
-compute; see :mod:`inflate.tracing`); the model itself is never copied or
+compute; see :mod:`inflate._tracer`); the model itself is never copied or
 changed. A :class:`~torch.overrides.TorchFunctionMode` tags the input and
-follows its channel axis through every operation (:mod:`inflate.dataflow`).
+follows its channel axis through every operation (:mod:`inflate._ops`).
 Every convolution or linear layer that receives a tagged tensor reads the input.
 """
 
@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from . import dataflow
-from .dataflow import Channels, Lost, Tag
-from .errors import InflateError
-from .tracing import Owners, Tracer, trace, unwrap
-from .weights import KernelLayout
+from . import _ops as dataflow
+from ._ops import Channels, Lost, Tag
+from ._errors import InflateError
+from ._tracer import Owners, Tracer, trace, unwrap
+from .rules import KernelLayout
 
 __all__ = ["InputLayer", "Discovery", "discover", "find_input_layers"]
 
@@ -153,7 +153,7 @@ class _InputTracer(Tracer):
 
 
 def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery:
-    """Trace ``model`` once (see :mod:`inflate.tracing`) and report the layers that read its input.
+    """Trace ``model`` once (see :mod:`inflate._tracer`) and report the layers that read its input.
 
     Raises:
         InflateError: the model cannot be run on the example input, or is lazy.

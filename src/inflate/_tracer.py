@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import leaves, shapes
-from .errors import InflateError
+from . import _leaves as leaves, _shapes as shapes
+from ._errors import InflateError
 
 __all__ = ["Tracer", "trace", "unwrap", "default_example_inputs"]
 
@@ -59,7 +59,7 @@ class Tracer(TorchFunctionMode):
         """Called with the (meta or real) input before the forward pass."""
 
     def call(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
-        """``func(*args, **kwargs)``, through :mod:`inflate.shapes` where it knows a meta output."""
+        """``func(*args, **kwargs)``, through :mod:`inflate._shapes` where it knows a meta output."""
         rule = shapes.RULES.get(func)  # shapes.shortcut, inlined: this runs for every operation
         out = shapes.MISSING if rule is None else rule(args, kwargs)
         if out is shapes.MISSING:
@@ -73,7 +73,7 @@ class Tracer(TorchFunctionMode):
 
     def lowered(self, module: nn.Module) -> Callable[..., Any] | None:
         """A stand-in for ``module.forward`` that hands this tracer the operations the
-        stock forward would make (:mod:`inflate.leaves`), without running the forward."""
+        stock forward would make (:mod:`inflate._leaves`), without running the forward."""
         lower = leaves.lowering(module)
         if lower is None:
             return None

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InflateError
-from .tracing import unwrap
+from ._errors import InflateError
+from ._tracer import unwrap
 
 __all__ = ["save_checkpoint", "load_checkpoint"]
 

@@ -1,4 +1,4 @@
-"""Layouts of meta tensors: what the shape rules of :mod:`inflate.shapes` share.
+"""Layouts of meta tensors: what the shape rules of :mod:`inflate._shapes` share.
 
 A rule answers with a new meta tensor whose shape, dtype and strides are those
 PyTorch would give, or with :data:`MISSING` when it is not sure. These helpers

@@ -22,8 +22,8 @@ A rule applies only to the plain case it is sure of: floating meta tensors of
 one dtype, contiguous (or, for the stride-keeping ones, dense) operands, no
 ``out=``. Otherwise it returns :data:`MISSING` and the caller runs the real op.
 ``tests/test_shapes.py`` checks every rule against PyTorch's own meta kernels.
-The rules themselves are in :mod:`inflate.shape_rules`, the layout helpers they
-share in :mod:`inflate.layouts`.
+The rules themselves are in :mod:`inflate._shape_rules`, the layout helpers they
+share in :mod:`inflate._layouts`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layouts import MISSING, Rule, meta_like
-from .shape_rules import build
+from ._layouts import MISSING, Rule, meta_like
+from ._shape_rules import build
 
 __all__ = ["MISSING", "RULES", "Mismatch", "shortcut", "check", "meta_like"]
 

@@ -10,9 +10,9 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from . import dataflow
-from .errors import InflateError
-from .tracing import Owners, Tracer, trace, unwrap
+from . import _ops as dataflow
+from ._errors import InflateError
+from ._tracer import Owners, Tracer, trace, unwrap
 
 __all__ = ["Layer", "FinetuneReport", "layers", "trace_layers", "finetune", "check_optimizer", "POLICIES"]
 
@@ -236,7 +236,7 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         >>> check_optimizer(net, torch.optim.SGD(net.parameters(), lr=0.1))
         Traceback (most recent call last):
         ...
-        inflate.errors.InflateError: optimizer: expected only trainable parameters, found 2 frozen: ['0.weight', '0.bias']
+        inflate._errors.InflateError: optimizer: expected only trainable parameters, found 2 frozen: ['0.weight', '0.bias']
     """
     params = dict(unwrap(model).named_parameters())
     by_id = {id(p): n for n, p in params.items()}

@@ -17,8 +17,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import InflateError
-from .tracing import unwrap
+from ._errors import InflateError
+from ._tracer import unwrap
 
 __all__ = ["FrozenSplit", "split_frozen"]
 

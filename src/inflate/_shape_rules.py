@@ -1,4 +1,4 @@
-"""The shape rules: one per kind of operation (see :mod:`inflate.shapes`)."""
+"""The shape rules: one per kind of operation (see :mod:`inflate._shapes`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layouts import (CHANNELS_LAST, MISSING, Rule, arg, as_tuple, dense, empty_meta, is_channels_last,
+from ._layouts import (CHANNELS_LAST, MISSING, Rule, arg, as_tuple, dense, empty_meta, is_channels_last,
                       like_layout, meta_float, same_layout)
 
 __all__ = ["build"]
@@ -332,7 +332,7 @@ def _binary(inplace: bool) -> Rule:
 
 
 def build() -> dict[Any, Rule]:
-    """The table of :data:`inflate.shapes.RULES`: function -> rule."""
+    """The table of :data:`inflate._shapes.RULES`: function -> rule."""
     T = torch.Tensor
     at1, unary, inplace = _same(inplace_at=1), _same(), _same(inplace=True)
     rules: dict[Any, Rule] = {

@@ -15,7 +15,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .errors import InflateError
+from ._errors import InflateError
 
 __all__ = ["Init", "KernelLayout", "inflate_kernel", "to_canonical", "from_canonical"]
 

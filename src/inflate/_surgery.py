@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .discovery import InputLayer
-from .errors import InflateError
-from .weights import Init, from_canonical, inflate_kernel, to_canonical
+from ._discovery import InputLayer
+from ._errors import InflateError
+from .rules import Init, from_canonical, inflate_kernel, to_canonical
 
 __all__ = ["Change", "plan", "apply"]
 

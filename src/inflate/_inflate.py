@@ -6,12 +6,12 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from . import surgery
-from .discovery import InputLayer, discover
-from .tracing import unwrap
-from .errors import InflateError
-from .timm_config import update_pretrained_cfg
-from .weights import RULES, Init, KernelLayout
+from . import _surgery as surgery
+from ._discovery import InputLayer, discover
+from ._tracer import unwrap
+from ._errors import InflateError
+from ._timm_config import update_pretrained_cfg
+from .rules import RULES, Init, KernelLayout
 
 __all__ = ["inflate_first_conv"]
 
@@ -104,7 +104,7 @@ def inflate_first_conv(
     * ``"average"``: every channel gets the channel mean of ``W`` rescaled so that a
       constant input gives the original response (divided by ``N`` with ``scale``).
     * a callable ``fn(kernel, i, channels_i)`` returning the block of input ``i``,
-      where ``kernel`` is ``(out, C, outer, inner, *k)`` (see :mod:`inflate.weights`).
+      where ``kernel`` is ``(out, C, outer, inner, *k)`` (see :mod:`inflate.rules`).
 
     Bias, dtype, device, ``requires_grad``, memory format, stride, padding,
     dilation and padding mode are kept; grouped or depthwise input convs become the

@@ -1,6 +1,6 @@
 """The operations a stock layer's forward makes, so that a trace can make them without the forward.
 
-A trace (:mod:`inflate.tracing`) costs Python time per module call and per
+A trace (:mod:`inflate._tracer`) costs Python time per module call and per
 operation. Most modules of a real network are stock layers whose forward makes a
 single functional call: a convolution with zero padding, ``linear``, a batch,
 layer or group norm, an activation, dropout, a pooling. For those,
