@@ -102,7 +102,7 @@ def test_heterogeneous_channels_zero_rule():
     wide = inflate_first_conv(copy.deepcopy(net), 3, init="zero", channels=(3, 2, 1))
     assert [wide.k3.in_channels, wide.k1.in_channels, wide.pool_conv.in_channels] == [6, 6, 6]
     xs = [torch.randn(2, c, 10, 10, dtype=D) for c in (3, 2, 1)]
-    assert_zero_inflation_equivalent(net, wide, xs, layers=["k3", "k1", "pool_conv"])
+    assert_zero_inflation_equivalent(net, wide, xs, compare_at=["k3", "k1", "pool_conv"])
 
 
 @pytest.mark.parametrize(
@@ -114,8 +114,8 @@ def test_heterogeneous_channels_zero_rule():
         ({"scale": 1}, r"scale: expected a bool, got 1"),
         ({"channels": (3,)}, r"channels: expected 2 counts \(one per input\), got 1: \(3,\)"),
         ({"channels": (3, 0)}, r"channels: expected a sequence of ints >= 1"),
-        ({"layers": "k3"}, r"layers: expected a non-empty sequence of layer names, got 'k3'"),
-        ({"layers": ["k3"]}, r"layers: expected exactly the layers that read the input, \['k3', 'k1', 'pool_conv'\]"),
+        ({"input_layers": "k3"}, r"input_layers: expected a non-empty sequence of layer names, got 'k3'"),
+        ({"input_layers": ["k3"]}, r"input_layers: expected exactly the layers that read the input, \['k3', 'k1', 'pool_conv'\]"),
         ({"example_input": [1, 2]}, r"example_input: expected a Tensor, got list"),
     ],
 )
@@ -170,7 +170,7 @@ def test_grouped_stems_become_dense_and_stay_exact():
     net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)).to(D)
     wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero")
     assert (wide[0].groups, wide[0].in_channels, tuple(wide[0].weight.shape)) == (1, 8, (8, 8, 3, 3))
-    assert_zero_inflation_equivalent(net, wide, list(torch.randn(2, 1, 4, 6, 6, dtype=D)), layers=["0"])
+    assert_zero_inflation_equivalent(net, wide, list(torch.randn(2, 1, 4, 6, 6, dtype=D)), compare_at=["0"])
 
 
 def test_meta_device_models_inflate_without_memory():
@@ -193,7 +193,7 @@ def test_named_layers_when_the_model_cannot_be_traced():
     net = models.DataDependent()
     with pytest.raises(InflateError, match="pass example_input"):
         inflate_first_conv(net, 2)
-    inflate_first_conv(net, 2, layers=["conv"])
+    inflate_first_conv(net, 2, input_layers=["conv"])
     assert net.conv.in_channels == 6
 
 

@@ -22,7 +22,7 @@ def test_zero_rule_gives_the_original_output_for_any_other_inputs(net, n, data):
     xs = data.draw(input_batches(net.input_shape, num_inputs=n))
     wide = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=_example(net))
     layers = find_input_layers(net, _example(net))
-    assert_zero_inflation_equivalent(net, wide, xs, layers=layers)
+    assert_zero_inflation_equivalent(net, wide, xs, compare_at=layers)
 
 
 @given(net=conv_nets(), n=st.integers(2, 4), data=st.data())
@@ -30,7 +30,7 @@ def test_scaled_repeat_gives_the_original_output_for_identical_inputs(net, n, da
     note(net.description)
     (x,) = data.draw(input_batches(net.input_shape))
     wide = inflate_first_conv(copy.deepcopy(net), n, init="repeat", example_input=_example(net))
-    assert_repeat_equivalent(net, wide, x, n, layers=find_input_layers(net, _example(net)))
+    assert_repeat_equivalent(net, wide, x, n, compare_at=find_input_layers(net, _example(net)))
 
 
 @given(net=conv_nets(dims=(2,)), n=st.integers(2, 4), k=st.floats(-2, 2))

@@ -110,15 +110,15 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
     if out_tol > CHAOTIC:  # rounding alone scrambles this random network's output: judge at the layers
         out_tol = math.inf
     zero = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=example)
-    z = assert_zero_inflation_equivalent(net, zero, xs, layers=layers, output_rtol=out_tol)
+    z = assert_zero_inflation_equivalent(net, zero, xs, compare_at=layers, output_rtol=out_tol)
     rep = inflate_first_conv(copy.deepcopy(net), n, init="repeat", example_input=example)
-    r = assert_repeat_equivalent(net, rep, xs[0], n, layers=layers, output_rtol=out_tol)
+    r = assert_repeat_equivalent(net, rep, xs[0], n, compare_at=layers, output_rtol=out_tol)
     weight = rep.get_submodule(layers[0]).weight
     with torch.no_grad():
         weight.view(-1)[0] += 1e-3 * weight.abs().max()
     try:  # at the output, or at the layers where the output cannot tell
         assert_repeat_equivalent(net, rep, xs[0], n, rtol=1e-10, output_rtol=out_tol,
-                                 layers=layers if math.isinf(out_tol) else ())
+                                 compare_at=layers if math.isinf(out_tol) else ())
     except AssertionError:
         pass
     else:

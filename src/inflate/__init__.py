@@ -14,7 +14,7 @@ from ._batchnorm import BatchNormPin, pin_batchnorm
 from ._split_frozen import FrozenSplit, split_frozen
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._discovery import find_input_layers
-from ._errors import InflateError
+from ._errors import InexactError, InflateError, TraceError
 from ._finetune import FinetuneReport, check_optimizer, finetune, layers
 from ._inflate import inflate_first_conv
 from ._spikes import Spike, SpikeMonitor
@@ -23,7 +23,9 @@ __all__ = [
     "BatchNormPin",
     "FinetuneReport",
     "FrozenSplit",
+    "InexactError",
     "InflateError",
+    "TraceError",
     "Spike",
     "SpikeMonitor",
     "check_optimizer",

@@ -2,9 +2,16 @@
 
 The model runs once on the **meta device** (shapes only: no memory, no real
 compute; see :mod:`inflate._tracer`); the model itself is never copied or
-changed. A :class:`~torch.overrides.TorchFunctionMode` tags the input and
-follows its channel axis through every operation (:mod:`inflate._ops`).
-Every convolution or linear layer that receives a tagged tensor reads the input.
+changed. A :class:`~torch.overrides.TorchFunctionMode` tags the input and follows
+its channel axis through every operation (the op table, :mod:`inflate._ops`),
+in-place writes into views of it included. Every convolution or linear layer that
+receives a tagged tensor reads the input. Whatever would make an inflated model
+differ is a problem: a layer that reads the input after its channels were mixed,
+an input-derived value that reaches the output other than through such a layer,
+or one that escapes into Python (``item``, ``bool``, ``tolist`` ...).
+
+Every operation is also recorded (:class:`Step`), so that :mod:`inflate._verify`
+can replay the inflated model against it.
 """
 
 from __future__ import annotations
@@ -14,13 +21,16 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from . import _ops as dataflow
+from . import _ops as ops
+from ._errors import InexactError
 from ._ops import Channels, Lost, Tag
-from ._errors import InflateError
-from ._tracer import Owners, Tracer, trace, unwrap
+from ._tracer import Owners, Stop, Tracer, trace, unwrap
 from .rules import KernelLayout
 
-__all__ = ["InputLayer", "Discovery", "discover", "find_input_layers"]
+__all__ = ["InputLayer", "Step", "Discovery", "discover", "find_input_layers"]
+
+_REPORT = ("if it treats every channel alike and keeps them apart, please report it on the torch-inflate issue "
+           "tracker so that it joins inflate's op table")
 
 
 @dataclass(frozen=True)
@@ -40,17 +50,49 @@ class InputLayer:
     channels: int
 
 
+@dataclass(frozen=True)
+class Step:
+    """One operation of the traced forward, as the replay of the inflated model must see it.
+
+    Attributes:
+        func: the function object.
+        atoms: its non-tensor arguments (:func:`inflate._ops.atoms`).
+        outs: shape and tag of each output tensor.
+        kind: the op table's kind (None: unknown).
+        widened: a weight layer that reads the input (its weight and ``groups`` change).
+        where: the module it ran in.
+    """
+
+    func: Callable[..., Any]
+    atoms: list[Any]
+    outs: list[tuple[tuple[int, ...], Tag | None]]
+    kind: str | None
+    widened: bool
+    where: str
+
+
 @dataclass
 class Discovery:
-    """What one traced forward pass found."""
+    """What one traced forward pass found, and what it saw on the way."""
 
     layers: list[InputLayer] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    reads: bool = False  # Python read a size of an input-derived tensor
+    last_layer: int = -1  # index in ``steps`` of the last input layer
+    example: Tensor | None = None  # the input the trace ran on (meta, or the real example)
 
     def raise_problems(self) -> None:
-        """Raise :class:`InflateError` listing every problem, if there are any."""
+        """Raise :class:`InexactError` listing every problem, if there are any."""
         if self.problems:
-            raise InflateError("cannot inflate exactly:\n  - " + "\n  - ".join(dict.fromkeys(self.problems)))
+            raise InexactError("cannot inflate exactly:\n  - " + "\n  - ".join(dict.fromkeys(self.problems)))
+
+
+def _storage(t: Tensor) -> int | None:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - tensors without a storage (some subclasses) alias nothing we track
+        return None
 
 
 class _InputTracer(Tracer):
@@ -63,106 +105,143 @@ class _InputTracer(Tracer):
         self.found: dict[str, InputLayer] = {}
         self.elsewhere: set[str] = set()  # input layers whose weight also reads other tensors
         self.problems: list[str] = []
+        self.steps: list[Step] = []
+        self.reads = False
+        self.last_layer = -1
+        self.example: Tensor | None = None
 
     def start(self, x: Tensor) -> None:
         self.channels = int(x.shape[1])
+        self.example = x
         self.mark(x, Channels(1))
 
     def finish(self, out: Any) -> None:
-        for t in dataflow._tensors(out):
+        for t in ops.tensors(out):
             tag = self.tag(t)
             if tag is not None:
                 how = tag.why if isinstance(tag, Lost) else "channel-wise operations only"
+                hint = f"; {_REPORT}" if isinstance(tag, Lost) and tag.unknown else ""
                 self.problems.append(f"the model output depends on the input through {how}, not through a "
-                                     "layer inflate can widen")
+                                     f"layer inflate can widen{hint}")
 
-    def tag(self, tensor: Tensor) -> Tag | None:
+    def tag(self, tensor: Any) -> Tag | None:
         entry = self.tags.get(id(tensor))
         return entry[1] if entry is not None and entry[0] is tensor else None
 
     def mark(self, tree: Any, tag: Tag) -> None:
-        for t in dataflow._tensors(tree):
+        for t in ops.tensors(tree):
             self.tags[id(t)] = (t, tag)
 
     def where(self) -> str:
         return f" in {self.stack[-1]}" if self.stack else ""
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in dataflow.CONSUMERS:
-            self._consume(name, args, kwargs)
-            return self.call(func, args, kwargs)  # a weight layer's output no longer carries input channels
-        out = self.call(func, args, kwargs)
-        tags = self.tags
-        operands = dataflow._tensors(args)
+    def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        op = ops.lookup(func)
+        kind = op.kind if op is not None else None
+        operands = ops.tensors(args)
         if kwargs:
-            operands += dataflow._tensors(kwargs)
-        for t in operands:  # most operations meet no tagged tensor: leave as soon as that is known
-            if id(t) in tags:
-                break
+            operands += ops.tensors(kwargs)
+        tagged = any(self.tag(t) is not None for t in operands)
+        widened = False
+        if kind in ops.CONSUMERS:
+            widened = self._consume(kind, args, kwargs)
+        elif tagged and kind == "escape":
+            self.problems.append(f"{ops.name_of(func)}{self.where()} turns input-derived values into Python "
+                                 "values (a branch, a number or a list): the inflated model would compute them "
+                                 "from other values")
+            raise Stop()
+        if tagged and (kind == "size" or kind == "split"):
+            self.reads = True  # a size, or a number of pieces, that may depend on the channel count
+        return op, operands, tagged, widened
+
+    def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, seen: Any) -> None:
+        op, operands, tagged, widened = seen
+        kind = op.kind if op is not None else None
+        if tagged and kind not in ("size", "meta", "escape") and kind not in ops.CONSUMERS:
+            self._follow(op, func, args, kwargs, out, operands)
+        self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
+                               [(tuple(t.shape), self.tag(t)) for t in ops.tensors(out)], kind, widened,
+                               self.stack[-1] if self.stack else "<root>"))
+
+    def _follow(self, op: ops.Op | None, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any,
+                operands: list[Tensor]) -> None:
+        name = op.name if op is not None else ops.name_of(func)
+        if op is not None and op.kind == "setitem":
+            mutated: Tensor | None = args[0]
+            tag = ops.setitem_tag(args[0], args[1], args[2], self.tag)
         else:
-            return out
-        if dataflow.is_fresh(func) or not dataflow._tensors(out):
-            return out
-        seen = [self.tag(t) for t in operands]
-        if any(t is not None for t in seen):
-            tag = dataflow.propagate(func, args, kwargs, out, self.tag, self.channels)
-            if isinstance(tag, Lost) and tag not in seen:  # lost here: say where
-                tag = Lost(tag.why + self.where())
+            before = {self.tag(t) for t in operands}
+            tag = ops.propagate(op, func, args, kwargs, out, self.tag, self.channels)
+            if isinstance(tag, Lost) and tag not in before:  # lost here: say where
+                tag = Lost(tag.why + self.where(), tag.unknown)
+            results = ops.tensors(out)
+            mutated = next((t for t in operands if any(r is t for r in results)), None)
+        if mutated is None:
             if tag is not None:
                 self.mark(out, tag)
-        return out
+            return
+        was = self.tag(mutated)
+        if tag is not None:
+            self.mark(mutated, tag)
+        if isinstance(tag, Channels) and was == tag:
+            return  # a channel-wise write: every view keeps its layout
+        # an in-place write that is not channel-wise: every tagged view of the same memory is lost
+        key = _storage(mutated)
+        lost = Lost(f"in-place {name} on a view of the input{self.where()}")
+        for other, _ in list(self.tags.values()):
+            if other is not mutated and key is not None and _storage(other) == key:
+                self.tags[id(other)] = (other, lost)
 
-    def _consume(self, name: str, args: Any, kwargs: Any) -> None:
-        kind, spatial = dataflow.CONSUMERS[name]
-        x = args[0] if args else kwargs.get("input")
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    def _consume(self, kind: str, args: Any, kwargs: Any) -> bool:
+        """Note a weight layer's call; True when it reads the input."""
+        layout_kind, spatial = ops.CONSUMERS[kind]
+        x = ops.arg(args, kwargs, 0, "input")
+        weight = ops.arg(args, kwargs, 1, "weight")
         owners = self.owners.get(id(weight), [])
-        tag = self.tag(x) if isinstance(x, Tensor) else None
+        tag = self.tag(x)
         if tag is None:
             self.elsewhere.update(o[0] for o in owners)
-            return
+            return False
         where = self.stack[-1] if self.stack else "<functional call>"
         if isinstance(tag, Lost):
-            self.problems.append(f"layer {where} reads the input only after {tag.why}, which mixes or "
-                                 "transforms channels in a way inflate cannot follow")
-            return
+            how = f"; {_REPORT}" if tag.unknown else ", which mixes or transforms channels in a way inflate cannot follow"
+            self.problems.append(f"layer {where} reads the input only after {tag.why}{how}")
+            return False
         if not owners or "parametrizations" in owners[0][0].split("."):
             self.problems.append(
-                f"layer {where} computes its {name} weight during forward (weight standardization, weight "
+                f"layer {where} computes its {kind} weight during forward (weight standardization, weight "
                 "norm or a parametrization): widening the stored weight would not give an exact model"
             )
-            return
+            return False
         if len(owners) > 1:
             self.problems.append(f"layer '{owners[0][0]}' shares its weight with " +
                                  ", ".join(f"'{o[0]}'" for o in owners[1:]))
-            return
-        groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-        channel_axis = x.ndim - 1 if kind == "linear" else x.ndim - spatial - 1
+            return False
+        groups = ops.arg(args, kwargs, 6, "groups", 1)
+        channel_axis = x.ndim - 1 if layout_kind == "linear" else x.ndim - spatial - 1
         if tag.dim != channel_axis:
             self.problems.append(f"layer {where} reads the input with its channels moved to axis {tag.dim} "
                                  f"of shape {tuple(x.shape)}, expected axis {channel_axis}")
-            return
-        layout = KernelLayout(kind, groups=int(groups), outer=tag.outer, inner=tag.inner)
-        channels = self.channels
+            return False
+        layout = KernelLayout(layout_kind, groups=int(groups), outer=tag.outer, inner=tag.inner)
         module_name, attr = owners[0]
-        layer = InputLayer(module_name, attr, layout, channels)
+        layer = InputLayer(module_name, attr, layout, self.channels)
         if self.found.setdefault(module_name, layer) != layer:
             self.problems.append(f"layer '{module_name}' reads the input in two different layouts")
+        self.last_layer = len(self.steps)
+        return True
 
 
 def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery:
     """Trace ``model`` once (see :mod:`inflate._tracer`) and report the layers that read its input.
 
     Raises:
-        InflateError: the model cannot be run on the example input, or is lazy.
+        TraceError: the model cannot be run on the example input, or is lazy.
     """
     model = unwrap(model)
-    tracer = trace(model, example_input, _InputTracer)
-    if tracer.problems:  # trace again with module hooks, to say where each problem is
-        tracer = trace(model, example_input, _InputTracer, stack=True)
-    found = Discovery(list(tracer.found.values()), list(tracer.problems))
+    tracer = trace(model, example_input, _InputTracer, stack=True)
+    found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.reads,
+                      tracer.last_layer, tracer.example)
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
             found.problems.append(f"layer '{layer.name}' reads the input and also other tensors: widening it "
@@ -185,8 +264,9 @@ def find_input_layers(model: nn.Module, example_input: Tensor | None = None) -> 
         Names as in ``model.named_modules()`` of the unwrapped model.
 
     Raises:
-        InflateError: some layer reads the input in a way that cannot be inflated
-            exactly (the message lists every such place), or the model cannot run.
+        InexactError: some layer reads the input in a way that cannot be inflated
+            exactly (the message lists every such place).
+        TraceError: the model cannot run.
 
     Example:
         >>> import torch.nn as nn
@@ -203,3 +283,4 @@ def find_input_layers(model: nn.Module, example_input: Tensor | None = None) -> 
     found = discover(model, example_input)
     found.raise_problems()
     return [layer.name for layer in found.layers]
+

@@ -10,7 +10,7 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
-from . import _ops as dataflow
+from . import _ops as ops
 from ._errors import InflateError
 from ._tracer import Owners, Tracer, trace, unwrap
 
@@ -56,11 +56,10 @@ class _OrderTracer(Tracer):
         super().__init__(owners, modules)
         self.order: dict[int, None] = {}
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        for t in dataflow._tensors((args, kwargs or {})):
+    def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> None:
+        for t in ops.tensors((args, kwargs)):
             if id(t) in self.owners:
                 self.order.setdefault(id(t), None)
-        return self.call(func, args, kwargs or {})
 
 
 def trace_layers(model: nn.Module, example_input: Tensor | None = None) -> list[Layer]:

@@ -7,16 +7,17 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import _surgery as surgery
-from ._discovery import InputLayer, discover
-from ._tracer import unwrap
-from ._errors import InflateError
+from ._discovery import Discovery, InputLayer, discover
+from ._errors import InflateError, TraceError
 from ._timm_config import update_pretrained_cfg
+from ._tracer import Plan, unwrap
+from ._verify import verify
 from .rules import RULES, Init, KernelLayout
 
 __all__ = ["inflate_first_conv"]
 
 
-def _validate(num_inputs: object, init: object, scale: object, channels: object, layers: object,
+def _validate(num_inputs: object, init: object, scale: object, channels: object, input_layers: object,
               example_input: object) -> None:
     if not isinstance(num_inputs, int) or isinstance(num_inputs, bool) or num_inputs < 1:
         raise InflateError(f"num_inputs: expected an int >= 1, got {num_inputs!r}")
@@ -32,9 +33,9 @@ def _validate(num_inputs: object, init: object, scale: object, channels: object,
         if len(channels) != num_inputs:  # type: ignore[arg-type]
             raise InflateError(f"channels: expected {num_inputs} counts (one per input), "
                                f"got {len(channels)}: {tuple(channels)}")  # type: ignore[arg-type]
-    if layers is not None and (isinstance(layers, str) or not isinstance(layers, Sequence) or not layers
-                               or not all(isinstance(n, str) for n in layers)):
-        raise InflateError(f"layers: expected a non-empty sequence of layer names, got {layers!r}")
+    if input_layers is not None and (isinstance(input_layers, str) or not isinstance(input_layers, Sequence)
+                                     or not input_layers or not all(isinstance(n, str) for n in input_layers)):
+        raise InflateError(f"input_layers: expected a non-empty sequence of layer names, got {input_layers!r}")
     if example_input is not None and not isinstance(example_input, Tensor):
         raise InflateError(f"example_input: expected a Tensor, got {type(example_input).__name__}")
 
@@ -46,34 +47,37 @@ def _declared_layers(model: nn.Module, names: Sequence[str]) -> list[InputLayer]
         try:
             module = model.get_submodule(name)
         except AttributeError as error:
-            raise InflateError(f"layers: expected names of submodules, got {name!r}") from error
+            raise InflateError(f"input_layers: expected names of submodules, got {name!r}") from error
         if isinstance(module, nn.modules.conv._ConvNd):
             kind = "transposed" if module.transposed else "conv"
             layers.append(InputLayer(name, "weight", KernelLayout(kind, module.groups), module.in_channels))
         elif isinstance(module, nn.Linear):
             layers.append(InputLayer(name, "weight", KernelLayout("linear"), module.in_features))
         else:
-            raise InflateError(f"layers: expected Conv or Linear modules, got {type(module).__name__} for {name!r}")
+            raise InflateError(f"input_layers: expected Conv or Linear modules, got {type(module).__name__} "
+                               f"for {name!r}")
     if len({layer.channels for layer in layers}) > 1:
-        raise InflateError("layers: expected layers that read the same input, got different channel counts "
+        raise InflateError("input_layers: expected layers that read the same input, got different channel counts "
                            + str({layer.name: layer.channels for layer in layers}))
     return layers
 
 
-def _input_layers(model: nn.Module, layers: Sequence[str] | None, example_input: Tensor | None) -> list[InputLayer]:
+def _input_layers(model: nn.Module, names: Sequence[str] | None,
+                  example_input: Tensor | None) -> tuple[list[InputLayer], Discovery | None]:
+    """The layers to widen, and the discovery that found them (None: named by the user)."""
     try:
         found = discover(model, example_input)
-    except InflateError:
-        if layers is None:
+    except TraceError:
+        if names is None:
             raise
-        return _declared_layers(model, layers)  # the model cannot be traced: the user names the layers
+        return _declared_layers(model, names), None  # the model cannot be traced: the user names the layers
     found.raise_problems()
-    if layers is not None:
-        names = [layer.name for layer in found.layers]
-        if sorted(names) != sorted(layers):
-            raise InflateError(f"layers: expected exactly the layers that read the input, {names}, "
-                               f"got {list(layers)}")
-    return found.layers
+    if names is not None:
+        got = [layer.name for layer in found.layers]
+        if sorted(got) != sorted(names):
+            raise InflateError(f"input_layers: expected exactly the layers that read the input, {got}, "
+                               f"got {list(names)}")
+    return found.layers, found
 
 
 def inflate_first_conv(
@@ -83,7 +87,7 @@ def inflate_first_conv(
     init: Init = "repeat",
     scale: bool = True,
     channels: Sequence[int] | None = None,
-    layers: Sequence[str] | None = None,
+    input_layers: Sequence[str] | None = None,
     example_input: Tensor | None = None,
 ) -> nn.Module:
     """Widen the layer(s) that read the input so the model takes ``num_inputs`` inputs.
@@ -121,19 +125,30 @@ def inflate_first_conv(
         channels: channel count of each input, e.g. ``(3, 2, 1)`` for RGB + flow +
             depth; default ``C`` for each. Inputs with another count than ``C`` get
             the ``"average"`` rule (under ``"zero"``, only the first input is non-zero).
-        layers: the names you expect to be widened. If the model can be traced they
-            must equal the discovered ones (a check); if it cannot, these layers are
-            widened as plain conv/linear layers and exactness is your responsibility.
+        input_layers: the names you expect to be widened. If the model can be traced
+            they must equal the discovered ones (a check); if it cannot
+            (:class:`~inflate.TraceError`), these layers are widened as plain
+            conv/linear layers, unverified: exactness is then your responsibility.
         example_input: a tensor ``(B, C, ...)`` the model accepts; only shape and dtype
             are used (the trace runs on the meta device).
 
     Returns:
         ``model`` itself, changed in place.
 
+    Before anything changes, the model runs once more with the new weights standing in,
+    on a meta ``(B, N*C, ...)`` input (on the real example, repeated per input, where
+    discovery had to run for real), and every operation is compared with the original
+    run: same operations, same non-tensor arguments, shapes as expected. An inflated
+    model that would not read its new input, or whose computation depends on the
+    channel count (``x / x.shape[1]``), is refused.
+
     Raises:
-        InflateError: invalid arguments, or a layer that cannot be widened exactly
-            (weight standardization, channel-specific input transforms, ...). The
-            model is then unchanged.
+        InflateError: invalid arguments. Its subclasses: :class:`~inflate.TraceError`,
+            the model could not run on the example input; :class:`~inflate.InexactError`,
+            a layer cannot be widened exactly (weight standardization, channel-specific
+            input transforms, input values read into Python, a computation that depends
+            on the channel count) or the inflated model would not run. The model is
+            then unchanged.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -146,12 +161,15 @@ def inflate_first_conv(
         >>> torch.allclose(net(torch.cat([x1, x2], dim=1)), before, atol=1e-6)
         True
     """
-    _validate(num_inputs, init, scale, channels, layers, example_input)
+    _validate(num_inputs, init, scale, channels, input_layers, example_input)
     target = unwrap(model)
-    found = _input_layers(target, layers, example_input)
-    c = found[0].channels
+    layers, found = _input_layers(target, input_layers, example_input)
+    c = layers[0].channels
     counts = tuple(channels) if channels is not None else (c,) * num_inputs
-    changes = surgery.plan(target, found, counts, init, scale)
+    changes = surgery.plan(target, layers, counts, init, scale)
+    if found is not None:
+        verify(target, found, Plan({id(getattr(ch.module, ch.attr)): ch.weight for ch in changes},
+                                   {id(ch.module): ch.attrs for ch in changes}), counts)
     surgery.apply(changes)
     update_pretrained_cfg(target, counts)
     return model

@@ -1,13 +1,21 @@
-"""How the channel axis of the model input moves through tensor operations.
+"""The op table: what each torch operation does to the channel axis of the model input.
 
-A tensor derived from the model input carries a :class:`Channels` tag while
+A tensor derived from the model input carries a tag. :class:`Channels` says that
 every operation so far treated all input channels alike and kept them apart
 (elementwise maths with channel-free operands, padding, pooling, resizing,
-reshapes and permutations that keep the channel block whole). Anything else
-turns the tag into a :class:`Lost` tag that remembers the operation: a layer
-that later reads such a tensor cannot be inflated exactly.
+reshapes and permutations that keep the channel block whole), and where the
+channel block lies. Anything else turns it into :class:`Lost`, which remembers
+the operation: a layer that later reads such a tensor cannot be inflated
+exactly, and neither can a model whose output or Python control flow depends on
+it.
 
-This module only decides tags; :mod:`inflate._discovery` runs the model.
+:data:`TABLE` declares each operation once, keyed by the function object a
+:class:`~torch.overrides.TorchFunctionMode` receives (``torch.add``,
+``Tensor.add``, ``Tensor.__add__`` and ``Tensor.add_`` are four keys of one
+declaration). Keyword forms are read through each kind's parameter names. An
+operation the table does not know gives a :class:`Lost` tag with
+``unknown=True``, reported as such. This module only decides tags;
+:mod:`inflate._discovery` runs the model.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Channels", "Lost", "Tag", "CONSUMERS", "propagate"]
+__all__ = ["Channels", "Lost", "Tag", "Op", "TABLE", "lookup", "propagate", "tensors", "atoms", "name_of"]
 
 
 @dataclass(frozen=True)
@@ -38,61 +47,143 @@ class Channels:
 
 @dataclass(frozen=True)
 class Lost:
-    """The channel structure was lost; ``why`` names the operation."""
+    """The channel structure was lost; ``why`` names the operation.
+
+    ``unknown`` marks an operation that is missing from :data:`TABLE` (it may well
+    treat channels alike: inflate just does not know).
+    """
 
     why: str
+    unknown: bool = False
 
 
 Tag = Union[Channels, Lost]
-
-#: Weight layers that may read the input: name -> (kind, spatial dims).
-CONSUMERS: dict[str, tuple[str, int]] = {
-    "conv1d": ("conv", 1),
-    "conv2d": ("conv", 2),
-    "conv3d": ("conv", 3),
-    "conv_transpose1d": ("transposed", 1),
-    "conv_transpose2d": ("transposed", 2),
-    "conv_transpose3d": ("transposed", 3),
-    "linear": ("linear", 0),
-}
-
-_POINTWISE = set(
-    """relu relu_ relu6 gelu silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
-    hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu celu mish softplus abs neg exp
-    log log1p sqrt rsqrt square sin cos clamp clamp_ clip clamp_min clamp_max floor ceil round sign
-    reciprocal pow __pow__ nan_to_num contiguous clone detach float double half bfloat16 to type
-    type_as dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout requires_grad_
-    __neg__ __abs__ add add_ sub sub_ mul mul_ div div_ true_divide __add__ __radd__ __iadd__ __sub__
-    __rsub__ __isub__ __mul__ __rmul__ __imul__ __truediv__ __rtruediv__ __itruediv__ __div__
-    maximum minimum where lerp identity""".split()
-)
-# Ops whose tensor operands other than the first describe only dtype or device.
-_DTYPE_ONLY = {"to", "type_as"}
-_SPATIAL = set(
-    """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
-    max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
-    adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d lp_pool1d lp_pool2d
-    lp_pool3d interpolate upsample upsample_nearest upsample_bilinear grid_sample""".split()
-)
-_RESHAPE = set("reshape view flatten unflatten squeeze squeeze_ unsqueeze unsqueeze_ view_as reshape_as".split())
-_PERMUTE = set("permute transpose transpose_ swapaxes swapdims movedim moveaxis t".split())
-_SPLIT = {"split", "chunk", "tensor_split"}
-# Ops that only read the shape, dtype or device of the input.
-_FRESH = set(
-    """zeros_like ones_like empty_like full_like rand_like randn_like randint_like new_zeros new_ones
-    new_empty new_full new_tensor""".split()
-)
-
 Lookup = Callable[[Tensor], Union[Tag, None]]
 
 
+@dataclass(frozen=True)
+class Op:
+    """One declared operation: its ``kind`` (what it does to the channel axis) and name."""
+
+    kind: str
+    name: str
+
+
+#: Kinds, and the names declared for each. Every name is looked up in ``torch``,
+#: ``Tensor``, ``torch.nn.functional`` and ``torch._C._nn``; ``Tensor`` dunder forms
+#: (``__add__``, ``__radd__``, ``__iadd__``) and in-place forms (``add_``) join their op.
+_KINDS: dict[str, str] = {
+    # each element from the same element (and channel-free operands): the tag is kept
+    "pointwise": """relu relu6 gelu silu sigmoid tanh hardswish hardsigmoid hardtanh leaky_relu elu selu celu
+        mish softplus softsign tanhshrink hardshrink softshrink threshold rrelu logsigmoid abs neg negative exp
+        exp2 expm1 log log2 log10 log1p sqrt rsqrt square sin cos tan asin acos atan sinh cosh erf erfc
+        clamp clip clamp_min clamp_max floor ceil round trunc frac sign reciprocal pow nan_to_num contiguous
+        clone detach float double half bfloat16 requires_grad_ add sub subtract mul multiply div divide
+        true_divide floor_divide remainder fmod rsub maximum minimum fmax fmin where lerp addcmul addcdiv
+        eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan isinf isfinite masked_fill
+        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity""",
+    "dtype": "to type type_as",  # other tensor operands describe only the dtype or device
+    "fresh": "zeros_like ones_like empty_like full_like rand_like randn_like randint_like",  # shaped like it
+    "new": "new_zeros new_ones new_empty new_full new_tensor",  # sizes from Python: no data flows
+    "spatial": """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
+        max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
+        adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
+        adaptive_max_pool1d_with_indices adaptive_max_pool2d_with_indices adaptive_max_pool3d_with_indices
+        lp_pool1d lp_pool2d lp_pool3d interpolate upsample upsample_nearest upsample_bilinear grid_sample""",
+    "pad": "pad",
+    "reshape": "reshape view flatten unflatten squeeze unsqueeze view_as reshape_as ravel",
+    "permute": "permute transpose swapaxes swapdims movedim moveaxis t T mT adjoint",
+    "expand": "expand expand_as broadcast_to",
+    "index": "__getitem__",
+    "setitem": "__setitem__",
+    "split": "split chunk tensor_split unbind",
+    "join": "cat concat concatenate stack",
+    "reduce": "sum mean nansum nanmean amax amin max min prod std var norm logsumexp any all argmax argmin median",
+    "along": "softmax log_softmax cumsum cumprod flip",
+    "shuffle": "pixel_shuffle pixel_unshuffle",
+    # known to combine the channels of one position (or to be channel-specific)
+    "mixes": """batch_norm instance_norm layer_norm group_norm local_response_norm rms_norm normalize matmul mm
+        bmm einsum baddbmm addmm scaled_dot_product_attention embedding""",
+    # weight layers that may read the input
+    "conv1d": "conv1d", "conv2d": "conv2d", "conv3d": "conv3d",
+    "conv_transpose1d": "conv_transpose1d", "conv_transpose2d": "conv_transpose2d",
+    "conv_transpose3d": "conv_transpose3d", "linear": "linear",
+    # values into Python: a decision or a number that inflation would change
+    "escape": "item tolist __bool__ __int__ __float__ __index__ __complex__ numpy __array__",
+    # sizes into Python
+    "size": "shape size stride numel nelement __len__ storage_offset",
+    # nothing read: metadata only
+    "meta": "dim ndim ndimension dtype device is_floating_point is_complex layout is_cuda is_meta requires_grad "
+            "data_ptr is_contiguous grad_fn __torch_function__",
+    "data": "data",  # the tensor itself
+}
+
+#: Weight layers that may read the input: kind -> (layout kind, spatial dims).
+CONSUMERS: dict[str, tuple[str, int]] = {
+    "conv1d": ("conv", 1), "conv2d": ("conv", 2), "conv3d": ("conv", 3),
+    "conv_transpose1d": ("transposed", 1), "conv_transpose2d": ("transposed", 2),
+    "conv_transpose3d": ("transposed", 3), "linear": ("linear", 0),
+}
+
+_DUNDER = {"add": ("__add__", "__radd__", "__iadd__"), "sub": ("__sub__", "__rsub__", "__isub__"),
+           "mul": ("__mul__", "__rmul__", "__imul__"), "div": ("__truediv__", "__rtruediv__", "__itruediv__",
+                                                               "__div__", "__rdiv__", "__idiv__"),
+           "floor_divide": ("__floordiv__", "__rfloordiv__", "__ifloordiv__"),
+           "remainder": ("__mod__", "__rmod__", "__imod__"), "pow": ("__pow__", "__rpow__", "__ipow__"),
+           "neg": ("__neg__",), "abs": ("__abs__",), "eq": ("__eq__",), "ne": ("__ne__",), "lt": ("__lt__",),
+           "le": ("__le__",), "gt": ("__gt__",), "ge": ("__ge__",), "bitwise_not": ("__invert__",),
+           "logical_and": ("__and__", "__rand__", "__iand__"), "logical_or": ("__or__", "__ror__", "__ior__")}
+_NAMESPACES = (torch, Tensor, F, torch._C._nn, torch._C._TensorBase)
+
+
+def _build() -> dict[Any, Op]:
+    table: dict[Any, Op] = {}
+    for kind, names in _KINDS.items():
+        for name in names.split():
+            for alias in (name, name + "_", *_DUNDER.get(name, ())):
+                for space in _NAMESPACES:
+                    func = space.__dict__.get(alias) if isinstance(space, type) else getattr(space, alias, None)
+                    if func is not None:
+                        table.setdefault(func, Op(kind, name))
+    return table
+
+
+#: function object -> :class:`Op`. Attribute reads (``x.shape``, ``x.T``) arrive as the
+#: descriptor's ``__get__``: they are keyed by the descriptor.
+TABLE: dict[Any, Op] = _build()
+
+
+def lookup(func: Callable[..., Any]) -> Op | None:
+    """The declared :class:`Op` of ``func``, or None.
+
+    Example:
+        >>> lookup(torch.Tensor.__iadd__), lookup(torch.transpose).kind
+        (Op(kind='pointwise', name='add'), 'permute')
+        >>> lookup(torch.Tensor.shape.__get__).kind
+        'size'
+    """
+    op = TABLE.get(func)
+    if op is None and getattr(func, "__name__", "") == "__get__":
+        op = TABLE.get(getattr(func, "__self__", None))
+    return op
+
+
+def name_of(func: Callable[..., Any]) -> str:
+    """A readable name: ``Tensor.add_``, ``conv2d``, ``Tensor.shape``."""
+    if getattr(func, "__name__", "") == "__get__" and hasattr(func, "__self__"):
+        return f"Tensor.{func.__self__.__name__}"
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    qual = qual.replace("_VariableFunctionsClass.", "torch.").replace("_TensorBase.", "Tensor.")
+    return qual.replace("TensorBase.", "Tensor.")
+
+
 _ATOMS = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device, slice, type(Ellipsis),
-                    torch.memory_format))
+                    torch.memory_format, torch.layout, complex))
 
 
-def _tensors(tree: Any) -> list[Tensor]:
+def tensors(tree: Any) -> list[Tensor]:
     """The tensors in ``tree``, in pytree order (plain tuples, lists and dicts walked
-    directly, which is most of every trace; anything else through ``torch.utils._pytree``)."""
+    directly, anything else through ``torch.utils._pytree``)."""
     if isinstance(tree, Tensor):
         return [tree]
     kind = type(tree)
@@ -104,29 +195,50 @@ def _tensors(tree: Any) -> list[Tensor]:
             if isinstance(item, Tensor):
                 found.append(item)
             elif type(item) not in _ATOMS:
-                found.extend(_tensors(item))
+                found.extend(tensors(item))
         return found
     if kind is dict:
-        return _tensors(list(tree.values()))
+        return tensors(list(tree.values()))
     return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 
-def _first_tensor_arg(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+def atoms(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` that are not tensors (Python numbers, sizes, slices, ...),
+    with slices opened into their ``start, stop, step``."""
+    out: list[Any] = []
+    for leaf in torch.utils._pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor):
+            continue
+        if isinstance(leaf, slice):
+            out.extend((leaf.start, leaf.stop, leaf.step))
+        else:
+            out.append(leaf)
+    return out
+
+
+def arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, given positionally or as keyword ``name``."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _source(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return args[0] if args else kwargs.get("input", kwargs.get("self"))
 
 
-def _pointwise(out: Tensor, operands: list[Tensor], lookup: Lookup, name: str) -> Tag:
-    tags = {lookup(t) for t in operands} - {None}
+def _pointwise(out: Tensor, operands: list[Tensor], lookup_tag: Lookup, name: str) -> Tag:
+    tags = {lookup_tag(t) for t in operands} - {None}
     if len(tags) != 1:
         return Lost(f"{name} of tensors with different channel layouts")
     (tag,) = tags
     assert isinstance(tag, Channels)
-    src = next(t for t in operands if lookup(t) is not None)
+    src = next(t for t in operands if lookup_tag(t) is not None)
     dim = tag.dim + out.ndim - src.ndim
-    if out.shape[dim] != src.shape[tag.dim]:
+    if dim < 0 or out.shape[dim] != src.shape[tag.dim]:
         return Lost(f"{name} broadcast the channel axis")
     for t in operands:
-        if lookup(t) is None:
+        if lookup_tag(t) is None:
             aligned = dim - (out.ndim - t.ndim)
             if aligned >= 0 and t.shape[aligned] != 1:
                 return Lost(f"{name} with a per-channel operand of shape {tuple(t.shape)}")
@@ -148,16 +260,25 @@ def _reshape(src: Tensor, out: Tensor, tag: Channels, channels: int) -> Tag:
     return Lost(f"reshape {tuple(src.shape)} -> {tuple(out.shape)} that split the channel axis")
 
 
-def _permuted_dim(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], src: Tensor, dim: int) -> int:
-    """Where axis ``dim`` of ``src`` goes, found by permuting a probe of distinct sizes."""
+def _probe_dim(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], src: Tensor, dim: int) -> int:
+    """Where axis ``dim`` of ``src`` goes under a permutation, found by permuting a meta
+    probe of distinct sizes in its place (positional or keyword)."""
     probe = torch.empty(tuple(range(2, src.ndim + 2)), device="meta")
-    swapped = [probe if a is src else a for a in args]
-    moved = func(*swapped, **kwargs)
+    moved = func(*[probe if a is src else a for a in args], **{k: probe if v is src else v for k, v in kwargs.items()})
     return [s - 2 for s in moved.shape].index(dim)
 
 
-def _getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
-    """Output axis of the channel axis after ``src[index]``, or None if it is cut."""
+def _whole(s: slice) -> bool:
+    """A slice that takes the whole axis whatever its length (``:``, ``0:``, ``::1``)."""
+    return s.start in (None, 0) and s.stop is None and s.step in (None, 1)
+
+
+def getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
+    """Output axis of the channel axis after ``src[index]``, or None if it is cut.
+
+    Only an index that keeps the whole axis at any length keeps it: ``x[:, :3]`` on a
+    3-channel input is cut, since it would still take 3 channels of the inflated one.
+    """
     items = index if isinstance(index, tuple) else (index,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool) for i in items):
         return None
@@ -176,80 +297,118 @@ def _getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
             d_in += 1
         else:
             if d_in == tag.dim:
-                whole = range(src.shape[d_in])[item] == range(src.shape[d_in])
-                return d_out if whole else None
+                return d_out if _whole(item) else None
             d_in, d_out = d_in + 1, d_out + 1
     return d_out + tag.dim - d_in
 
 
-def propagate(
-    func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any, lookup: Lookup, channels: int
-) -> Tag | None:
+def _dims(value: Any, ndim: int) -> set[int] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, (tuple, list, torch.Size)) else (value,)
+    return {int(v) % ndim for v in values}
+
+
+def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any,
+              lookup_tag: Lookup, channels: int) -> Tag | None:
     """Tag for the tensors in ``out`` of an op that read at least one tagged tensor (None: untagged).
 
     Args:
+        op: the declared op of ``func`` (None: not in :data:`TABLE`).
         func: the torch function that ran.
         args: its positional arguments.
         kwargs: its keyword arguments.
         out: what it returned.
-        lookup: the tag of a tensor, or None.
+        lookup_tag: the tag of a tensor, or None.
         channels: ``C``, the channel count of one input.
 
     Returns:
         The tag for every tensor in ``out``.
     """
-    name = getattr(func, "__name__", repr(func))
-    operands = _tensors((args, kwargs))
-    tagged = [t for t in operands if lookup(t) is not None]
-    lost = [lookup(t) for t in tagged if isinstance(lookup(t), Lost)]
-    if lost:
-        return lost[0]  # type: ignore[return-value]
-    src = _first_tensor_arg(args, kwargs)
-    tag = lookup(src) if isinstance(src, Tensor) else None
-    results = _tensors(out)
-    if name in _DTYPE_ONLY:  # x.to(other) / x.type_as(other): only x's data flows
+    if op is None:
+        return Lost(f"{name_of(func)}, an operation inflate does not know", unknown=True)
+    name, kind = op.name, op.kind
+    src = _source(args, kwargs)
+    tag = lookup_tag(src) if isinstance(src, Tensor) else None
+    if kind == "data" or kind == "dtype":  # x.to(other): only x's data flows
         return tag
-    if name in _POINTWISE and len(results) == 1:
-        return _pointwise(results[0], operands, lookup, name)
+    if kind == "fresh":  # values from nowhere, shaped like the input: its channel block, or nothing
+        return tag if isinstance(tag, Channels) else None
+    if kind == "new":
+        return None
+    operands = tensors((args, kwargs))
+    tagged = [t for t in operands if lookup_tag(t) is not None]
+    lost = [lookup_tag(t) for t in tagged if isinstance(lookup_tag(t), Lost)]
+    if lost:
+        return lost[0]
+    results = tensors(out)
+    if kind == "pointwise" and len(results) == 1:
+        return _pointwise(results[0], operands, lookup_tag, name)
+    if kind == "reduce" and len(args) > 1 and isinstance(args[1], Tensor):  # torch.max(x, y)
+        return _pointwise(results[0], operands, lookup_tag, name)
+    if kind == "join":
+        return _joined(name, args, kwargs, lookup_tag)
     if not isinstance(tag, Channels) or len(tagged) != 1:
-        if name in ("cat", "concat", "concatenate", "stack") and args:
-            return _joined(name, args, kwargs, results, lookup)
-        return Lost(f"{name} on the input")
-    if name in _SPATIAL:
+        return Lost(f"{name} of the input with other tensors" if tag is not None else f"{name} on the input")
+    return _structural(kind, name, func, args, kwargs, src, tag, results, channels)
+
+
+def _structural(kind: str, name: str, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any],
+                src: Tensor, tag: Channels, results: list[Tensor], channels: int) -> Tag:
+    """Ops with one tagged operand that move, keep or cut the channel axis."""
+    if kind == "spatial":
         ok = tag.dim == 1 and tag.outer == tag.inner == 1 and all(r.shape[1] == src.shape[1] for r in results)
         return tag if ok and all(r.ndim == src.ndim for r in results) else Lost(f"{name} across channels")
-    if name == "pad":
-        pad = args[1] if len(args) > 1 else kwargs["pad"]
+    if kind == "pad":
+        pad = arg(args, kwargs, 1, "pad")
         return tag if tag.dim < src.ndim - len(pad) // 2 else Lost("pad of the channel axis")
-    if name in _RESHAPE and len(results) == 1:
+    if kind == "reshape" and len(results) == 1:
         return _reshape(src, results[0], tag, channels)
-    if name in _PERMUTE and len(results) == 1:
-        return Channels(_permuted_dim(func, args, kwargs, src, tag.dim), tag.outer, tag.inner)
-    if name == "__getitem__" and len(results) == 1:
-        dim = _getitem_dim(src, args[1], tag)
+    if kind == "permute" and len(results) == 1:
+        return Channels(_probe_dim(func, args, kwargs, src, tag.dim), tag.outer, tag.inner)
+    if kind == "expand" and len(results) == 1:
+        dim = tag.dim + results[0].ndim - src.ndim
+        return Channels(dim, tag.outer, tag.inner) if results[0].shape[dim] == src.shape[tag.dim] else \
+            Lost(f"{name} of the channel axis")
+    if kind == "index" and len(results) == 1:
+        dim = getitem_dim(src, args[1], tag)
         return Lost("indexing into the channel axis") if dim is None else Channels(dim, tag.outer, tag.inner)
-    if name in ("pixel_unshuffle", "pixel_shuffle") and tag.dim == src.ndim - 3:
-        r2 = (args[1] if len(args) > 1 else kwargs.get("downscale_factor", kwargs.get("upscale_factor"))) ** 2
+    if kind == "shuffle" and tag.dim == src.ndim - 3:
+        factor = arg(args, kwargs, 1, "downscale_factor" if name == "pixel_unshuffle" else "upscale_factor")
+        r2 = factor * factor
         if name == "pixel_unshuffle":  # channel c becomes channels c*r*r + i
             return Channels(tag.dim, tag.outer, tag.inner * r2)
         if tag.inner % r2 == 0:
             return Channels(tag.dim, tag.outer, tag.inner // r2)
         return Lost("pixel_shuffle that mixes channels into space")
-    if name in _SPLIT:
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0) % src.ndim
-        return tag if dim != tag.dim else Lost(f"{name} of the channel axis")
+    if kind == "split":
+        dim = arg(args, kwargs, 1 if name == "unbind" else 2, "dim", 0) % src.ndim
+        if dim == tag.dim:
+            return Lost(f"{name} of the channel axis")
+        return Channels(tag.dim - (name == "unbind" and dim < tag.dim), tag.outer, tag.inner)
+    if kind == "reduce":
+        dims = _dims(arg(args, kwargs, 1, "dim"), src.ndim)
+        if dims is None or tag.dim in dims:
+            return Lost(f"{name} over the channel axis")
+        keep = bool(arg(args, kwargs, 2, "keepdim", False))
+        return Channels(tag.dim - (0 if keep else sum(d < tag.dim for d in dims)), tag.outer, tag.inner)
+    if kind == "along":
+        dims = _dims(arg(args, kwargs, 1, "dims" if name == "flip" else "dim"), src.ndim)
+        return tag if dims is not None and tag.dim not in dims else Lost(f"{name} along the channel axis")
+    if kind == "mixes":
+        return Lost(name)
     return Lost(f"{name} on the input")
 
 
-def _joined(name: str, args: Sequence[Any], kwargs: dict[str, Any], results: list[Tensor], lookup: Lookup) -> Tag:
-    parts = list(args[0])
-    tags = {lookup(t) for t in parts}
+def _joined(name: str, args: Sequence[Any], kwargs: dict[str, Any], lookup_tag: Lookup) -> Tag:
+    parts = list(arg(args, kwargs, 0, "tensors"))
+    tags = {lookup_tag(t) for t in parts}
     if len(tags) != 1 or not isinstance(next(iter(tags)), Channels):
         return Lost(f"{name} of the input with other tensors")
     (tag,) = tags
     assert isinstance(tag, Channels)
     ndim = parts[0].ndim
-    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    dim = arg(args, kwargs, 1, "dim", 0)
     if name == "stack":
         dim %= ndim + 1
         return Channels(tag.dim + (dim <= tag.dim), tag.outer, tag.inner)
@@ -257,6 +416,25 @@ def _joined(name: str, args: Sequence[Any], kwargs: dict[str, Any], results: lis
     return tag if dim != tag.dim else Lost(f"{name} along the channel axis")
 
 
-def is_fresh(func: Callable[..., Any]) -> bool:
-    """Whether ``func`` makes a new tensor from the input's shape alone."""
-    return getattr(func, "__name__", "") in _FRESH
+def setitem_tag(target: Tensor, index: Any, value: Any, lookup_tag: Lookup) -> Tag | None:
+    """Tag of ``target`` after ``target[index] = value``, where either is tagged."""
+    tag, value_tag = lookup_tag(target), lookup_tag(value) if isinstance(value, Tensor) else None
+    if isinstance(tag, Lost):
+        return tag
+    if isinstance(value_tag, Lost):
+        return value_tag
+    if tag is None:
+        return Lost("__setitem__ of the input into another tensor")
+    dim = getitem_dim(target, index, tag)
+    if dim is None:
+        return Lost("__setitem__ into some channels of the input")
+    if not isinstance(value, Tensor):
+        return tag
+    view = torch.empty(target.shape, device="meta")[index]
+    aligned = dim - (view.ndim - value.ndim)
+    if value_tag is None:
+        return tag if aligned < 0 or value.shape[aligned] == 1 else \
+            Lost(f"__setitem__ of a per-channel value of shape {tuple(value.shape)}")
+    if value_tag == Channels(aligned, tag.outer, tag.inner):
+        return tag
+    return Lost("__setitem__ of the input into itself in another layout")

@@ -12,18 +12,19 @@ buffers, so running statistics are not touched.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from . import _leaves as leaves, _shapes as shapes
-from ._errors import InflateError
+from ._errors import InflateError, TraceError
 
-__all__ = ["Tracer", "trace", "unwrap", "default_example_inputs"]
+__all__ = ["Tracer", "Plan", "Stop", "trace", "unwrap", "default_example_inputs", "label"]
 
 #: id(parameter stand-in) -> [(module name, attribute)], one entry per owning module.
 Owners = dict[int, list[tuple[str, str]]]
@@ -54,47 +55,50 @@ class Tracer(TorchFunctionMode):
         self.owners = owners
         self.modules = modules
         self.stack: list[str] = []  # labels of the modules being called, innermost last
+        self.failed_in: list[str] | None = None  # the stack where the model raised, if it did
 
     def start(self, x: Tensor) -> None:
         """Called with the (meta or real) input before the forward pass."""
 
-    def call(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
-        """``func(*args, **kwargs)``, through :mod:`inflate._shapes` where it knows a meta output."""
-        rule = shapes.RULES.get(func)  # shapes.shortcut, inlined: this runs for every operation
-        out = shapes.MISSING if rule is None else rule(args, kwargs)
-        if out is shapes.MISSING:
-            return func(*args, **kwargs)
-        if shapes.CHECK:
-            shapes.check(func, args, kwargs, out)
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        try:
+            seen = self.before(func, args, kwargs)
+        except Exception as error:
+            raise _bug(func, self, error) from error
+        try:
+            out = func(*args, **kwargs)  # the model's own computation: its errors are the model's
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        try:
+            self.after(func, args, kwargs, out, seen)
+        except Exception as error:
+            raise _bug(func, self, error) from error
         return out
+
+    def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        """Called before each operation; what it returns is handed to :meth:`after`."""
+
+    def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, seen: Any) -> None:
+        """Called after each operation with its output."""
 
     def finish(self, out: Any) -> None:
         """Called with the model output after the forward pass."""
 
-    def lowered(self, module: nn.Module) -> Callable[..., Any] | None:
-        """A stand-in for ``module.forward`` that hands this tracer the operations the
-        stock forward would make (:mod:`inflate._leaves`), without running the forward."""
-        lower = leaves.lowering(module)
-        if lower is None:
-            return None
-        stock = type(module).forward.__get__(module)
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            # a plain tensor only: a subclass may have a __torch_function__ of its own, which the
-            # calls below (made with torch functions off, as inside this mode's handler) would skip
-            if len(args) == 1 and not kwargs and type(args[0]) is Tensor:
-                with torch._C.DisableTorchFunction():
-                    calls = lower(module, args[0])
-                    if calls is not None:
-                        for func, call_args, call_kwargs in calls:
-                            out = self.__torch_function__(func, (), call_args, call_kwargs)
-                        return out
-            return stock(*args, **kwargs)
-
-        return forward
-
 
 T = TypeVar("T", bound=Tracer)
+
+
+def _bug(func: Callable[..., Any], tracer: Tracer, error: Exception) -> InflateError:
+    """inflate's own failure while watching ``func``: never reported as the model's."""
+    if isinstance(error, InflateError):
+        return error
+    where = f" in {tracer.stack[-1]}" if tracer.stack else ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    return InflateError(f"inflate failed while following {name}{where} ({type(error).__name__}: {error}): "
+                        "a bug in inflate, please report it")
 
 
 def label(name: str, module: nn.Module) -> str:
@@ -108,6 +112,8 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
         tracer.stack.append(label(tracer.modules.get(id(module), "?"), module))
 
     def post(module: nn.Module, _: Any, __: Any) -> None:
+        if tracer.failed_in is None and sys.exc_info()[0] is not None:  # called from an except block
+            tracer.failed_in = list(tracer.stack)
         tracer.stack.pop()
 
     handles = [
@@ -145,10 +151,17 @@ def default_example_inputs(model: nn.Module) -> list[Tensor]:
 Swap = tuple[nn.Module, dict[str, Any], dict[str, Any]]
 
 
-def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], Owners]:
+def _meta_like(t: Tensor) -> Tensor:
+    """A meta tensor with the shape, dtype and strides of ``t``."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta", requires_grad=t.requires_grad)
+
+
+def _twins(walk: list[tuple[str, nn.Module]], meta: bool,
+           replace: dict[int, Tensor]) -> tuple[list[Swap], Owners]:
     """For every module, parameter and buffer dicts holding stand-ins: meta twins, or
     (real run) the parameters themselves and clones of the buffers. A tensor shared
-    by several modules gets one stand-in."""
+    by several modules gets one stand-in. ``replace`` maps ``id(parameter)`` to the
+    tensor that stands in for it instead (a planned, widened weight)."""
     twins: dict[int, Tensor] = {}
     owners: Owners = {}
     swaps: dict[int, Swap] = {}
@@ -158,7 +171,8 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], O
                 continue
             twin = twins.get(id(p))
             if twin is None:
-                twin = twins[id(p)] = shapes.meta_like(p) if meta else p
+                twin = replace.get(id(p), p)
+                twin = twins[id(p)] = _meta_like(twin) if meta else twin
                 owners[id(twin)] = []
             entry = owners[id(twin)]
             if not entry or entry[-1][0] != mod_name:  # a module's own entries are consecutive
@@ -167,81 +181,117 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool) -> tuple[list[Swap], O
             continue
         for b in module._buffers.values():
             if b is not None and id(b) not in twins:
-                twins[id(b)] = shapes.meta_like(b) if meta else b.clone()
+                twins[id(b)] = _meta_like(b) if meta else b.clone()
         swaps[id(module)] = (module, {a: None if p is None else twins[id(p)] for a, p in module._parameters.items()},
                              {a: None if b is None else twins[id(b)] for a, b in module._buffers.items()})
     return list(swaps.values()), owners
 
 
 @contextmanager
-def _swapped(swaps: list[Swap], lowered: Callable[[nn.Module], Callable[..., Any] | None]) -> Iterator[None]:
-    """Every module reads its stand-ins during the call, and a stock layer's forward is
-    ``lowered(module)`` where that is not None. Afterwards each module's attributes are
-    exactly what they were (the very same objects): the parameter, buffer and submodule
-    dicts, and any plain attribute a forward set or replaced, such as a cached tensor."""
+def _swapped(swaps: list[Swap], attrs: dict[int, dict[str, Any]]) -> Iterator[None]:
+    """Every module reads its stand-ins during the call, with the plain attributes in
+    ``attrs[id(module)]`` set (a widened layer's ``in_channels`` and ``groups``).
+    Afterwards each module's attributes are exactly what they were (the very same
+    objects): the parameter, buffer and submodule dicts, and any plain attribute a
+    forward set or replaced, such as a cached tensor."""
     saved = []
     try:
         for module, params, buffers in swaps:
-            attrs = module.__dict__
-            saved.append((attrs, attrs.copy()))
-            attrs["_parameters"], attrs["_buffers"] = params, buffers
-            attrs["_modules"] = dict(attrs["_modules"])  # a submodule registered in forward is dropped
-            forward = lowered(module)
-            if forward is not None:
-                attrs["forward"] = forward
+            state = module.__dict__
+            saved.append((state, state.copy()))
+            state["_parameters"], state["_buffers"] = params, buffers
+            state["_modules"] = dict(state["_modules"])  # a submodule registered in forward is dropped
+            state.update(attrs.get(id(module), {}))
         yield
     finally:
-        for attrs, before in saved:
-            attrs.clear()
-            attrs.update(before)
+        for state, before in saved:
+            state.clear()
+            state.update(before)
 
 
-def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], example: Tensor, meta: bool,
-         factory: Callable[[Owners, dict[int, str]], T], stack: bool) -> T:
-    x = shapes.meta_like(example) if meta else example.detach()
+class Stop(BaseException):
+    """Raised by a tracer to end the forward early: everything it needed was seen.
+    A BaseException, so that a model's own ``except Exception`` does not swallow it."""
+
+
+@dataclass
+class Plan:
+    """Stand-ins for a trace of the model as it would be after inflation."""
+
+    weights: dict[int, Tensor] = field(default_factory=dict)  # id(parameter) -> widened weight
+    attrs: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(module) -> attributes
+
+
+def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], x: Tensor, meta: bool,
+         factory: Callable[[Owners, dict[int, str]], T], stack: bool, plan: Plan) -> T:
     if x.ndim < 2:
-        raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(example.shape)}")
-    swaps, owners = _twins(walk, meta)
+        raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(x.shape)}")
+    x = _meta_like(x) if meta else x.detach()
+    swaps, owners = _twins(walk, meta, plan.weights)
     tracer = factory(owners, {id(m): n for n, m in walk})
     tracer.start(x)
-    with torch.no_grad(), _swapped(swaps, tracer.lowered), _module_stack(tracer) if stack else nullcontext(), tracer:
-        out = model(x)
+    with torch.no_grad(), _swapped(swaps, plan.attrs), _module_stack(tracer) if stack else nullcontext():
+        try:
+            with tracer:
+                out = model(x)
+        except Stop:
+            return tracer
+        except Exception as error:
+            error._inflate_failed_in = tracer.failed_in  # type: ignore[attr-defined] - read by trace()
+            raise
     tracer.finish(out)
     return tracer
 
 
 def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Owners, dict[int, str]], T],
-          *, stack: bool = False) -> T:
+          *, stack: bool = False, meta: bool | None = None, plan: Plan | None = None) -> T:
     """Run ``model`` once under the tracer that ``factory(owners, modules)`` builds.
 
     ``stack=True`` keeps ``tracer.stack``, the labels of the modules being called, up
-    to date (global module hooks, which slow every module call down: ask for it only
-    to name places in error messages).
+    to date (global module hooks). ``meta``: True runs on the meta device only, False
+    for real only (``example_input`` must be real), None tries meta first and then,
+    for a real ``example_input``, a real run. ``plan`` swaps in widened weights and
+    attributes for the call. The tracer's own errors (:class:`InflateError`) pass through.
 
     Raises:
-        InflateError: the model cannot run on the example input, or has lazy modules.
+        TraceError: the model cannot run on the example input, or has lazy modules.
     """
     walk = list(model.named_modules(remove_duplicate=False))
     lazy = [n for n, m in walk if isinstance(m, nn.modules.lazy.LazyModuleMixin)
             and m.has_uninitialized_params()]  # type: ignore[operator]
     if lazy:
-        raise InflateError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
-                           "ones; run one forward pass first")
+        raise TraceError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
+                         "ones; run one forward pass first")
+    plan = plan or Plan()
     examples = default_example_inputs(model) if example_input is None else [example_input]
     for attempt, example in enumerate(examples, 1):
+        if meta is not False:
+            try:
+                return _run(model, walk, example, True, factory, stack, plan)
+            except InflateError:
+                raise
+            except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
+                if meta or example.is_meta:
+                    if attempt < len(examples):
+                        continue
+                    given = example_input is not None
+                    raise _failure(f"the model could not run on {'example_input' if given else 'an example input'} "
+                                   f"of shape {tuple(example.shape)} on the meta device", meta_error,
+                                   "" if given else "; pass example_input")
         try:
-            return _run(model, walk, example, True, factory, stack)
-        except (InflateError, shapes.Mismatch):  # Mismatch: a failed shapes.check, a bug to report
+            return _run(model, walk, example, False, factory, stack, plan)
+        except InflateError:
             raise
-        except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
-            if not example.is_meta:
-                try:
-                    return _run(model, walk, example, False, factory, stack)
-                except Exception as error:
-                    raise InflateError(f"the model could not run on example_input of shape "
-                                       f"{tuple(example.shape)} ({type(error).__name__}: {error})") from error
-            if attempt == len(examples):
-                raise InflateError(f"the model could not run on an example input of shape "
-                                   f"{tuple(example.shape)} ({type(meta_error).__name__}: {meta_error}); "
-                                   "pass example_input") from meta_error
+        except Exception as error:
+            raise _failure(f"the model could not run on example_input of shape {tuple(example.shape)}", error, "")
     raise AssertionError("unreachable")
+
+
+def _failure(what: str, error: Exception, hint: str) -> TraceError:
+    """A :class:`TraceError` that names the module where the model raised (``failed_in``)."""
+    stack = getattr(error, "_inflate_failed_in", None)
+    where = f" (in {stack[-1]})" if stack else ""
+    failure = TraceError(f"{what}{where} ({type(error).__name__}: {error}){hint}")
+    failure.failed_in = stack  # type: ignore[attr-defined]
+    failure.__cause__ = error
+    return failure

@@ -112,7 +112,7 @@ def assert_zero_inflation_equivalent(
     inflated: nn.Module,
     inputs: Sequence[Tensor],
     *,
-    layers: Sequence[str] = (),
+    compare_at: Sequence[str] = (),
     rtol: float | None = None,
     output_rtol: float | None = None,
 ) -> Report:
@@ -124,7 +124,8 @@ def assert_zero_inflation_equivalent(
         original: the model before inflation.
         inflated: the model after inflation.
         inputs: one tensor ``(B, C_i, ...)`` per input; concatenated along channels.
-        layers: module names to compare as well (the widened layers): a normalization
+        compare_at: module names whose outputs are compared as well (the widened
+            layers, :func:`inflate.find_input_layers`): a normalization
             right after the stem can hide a stem error at the output.
         rtol: relative L2 tolerance; default :func:`default_rtol` of the input dtype.
         output_rtol: tolerance at the output only (default ``rtol``): a deep, badly
@@ -146,7 +147,8 @@ def assert_zero_inflation_equivalent(
         >>> assert_zero_inflation_equivalent(net, wide, [x1, x2]).max_relative_diff < 1e-12
         True
     """
-    return _compare(original, inflated, inputs[0], torch.cat(list(inputs), dim=1), layers, rtol, output_rtol)
+    return _compare(original, inflated, inputs[0], torch.cat(list(inputs), dim=1), compare_at, rtol,
+                    output_rtol)
 
 
 def assert_repeat_equivalent(
@@ -155,7 +157,7 @@ def assert_repeat_equivalent(
     x: Tensor,
     num_inputs: int,
     *,
-    layers: Sequence[str] = (),
+    compare_at: Sequence[str] = (),
     rtol: float | None = None,
     output_rtol: float | None = None,
 ) -> Report:
@@ -172,7 +174,8 @@ def assert_repeat_equivalent(
         >>> assert_repeat_equivalent(net, wide, torch.randn(1, 2, 9, dtype=torch.float64), 3).diffs["output"] < 1e-12
         True
     """
-    return _compare(original, inflated, x, torch.cat([x] * num_inputs, dim=1), layers, rtol, output_rtol)
+    return _compare(original, inflated, x, torch.cat([x] * num_inputs, dim=1), compare_at, rtol,
+                    output_rtol)
 
 
 def check_inflation(
@@ -226,5 +229,5 @@ def check_inflation(
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(num_inputs)]
     if init == "zero":
-        return assert_zero_inflation_equivalent(original, inflated, xs, layers=names, rtol=rtol)
-    return assert_repeat_equivalent(original, inflated, xs[0], num_inputs, layers=names, rtol=rtol)
+        return assert_zero_inflation_equivalent(original, inflated, xs, compare_at=names, rtol=rtol)
+    return assert_repeat_equivalent(original, inflated, xs[0], num_inputs, compare_at=names, rtol=rtol)

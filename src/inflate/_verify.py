@@ -1,0 +1,143 @@
+"""The post-condition: the inflated model, run before it exists, must read its new input
+and compute exactly what the original computed.
+
+Before any weight is swapped, the model runs once more with the planned weights
+standing in (:class:`inflate._tracer.Plan`) on an ``N*C``-channel input, on the
+meta device (or for real, with the real example, where discovery had to run for
+real). Each operation is compared with the :class:`~inflate._discovery.Step` that
+discovery recorded at the same position:
+
+* the same function;
+* the same non-tensor arguments (``x / x.shape[1]`` divides by ``C`` in one and by
+  ``N*C`` in the other: refused), except a size given to a reshape or expand whose
+  output holds the channel block, which may scale from ``C`` to ``N*C``;
+* outputs of the expected shapes: a tensor that holds the channel block has it
+  ``N*C`` wide, every other tensor the very same shape.
+
+If Python never read a size of an input-derived tensor during discovery, the
+channel count cannot have reached the computation through Python, and the replay
+stops after the last widened layer. Otherwise it runs the whole forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops as ops
+from ._discovery import Discovery, Step
+from ._errors import InexactError, TraceError
+from ._ops import Channels
+from ._tracer import Owners, Plan, Stop, Tracer, trace
+
+__all__ = ["verify"]
+
+_SIZES = ("reshape", "expand")  # kinds whose sizes may follow the channel count
+
+
+class _Replay(Tracer):
+    def __init__(self, owners: Owners, modules: dict[int, str], steps: list[Step], c: int, total: int,
+                 stop_at: int | None) -> None:
+        super().__init__(owners, modules)
+        self.steps, self.c, self.total, self.stop_at = steps, c, total, stop_at
+        self.k = 0
+        self.problem: str | None = None
+
+    def _refuse(self, what: str) -> BaseException:
+        self.problem = what
+        return Stop()
+
+    def _scaled(self, size: Any, orig: Any) -> bool:
+        return (type(size) is int and type(orig) is int and orig % self.c == 0
+                and size == orig // self.c * self.total)
+
+    def _expected(self, shape: tuple[int, ...], tag: Any) -> tuple[int, ...] | None:
+        if tag is None:
+            return shape
+        if isinstance(tag, Channels):
+            return shape[: tag.dim] + (shape[tag.dim] // self.c * self.total,) + shape[tag.dim + 1 :]
+        return None  # lost: refused by discovery wherever it matters, its shape is not ours to check
+
+    def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Step:
+        k, self.k = self.k, self.k + 1
+        where = f" in {self.stack[-1]}" if self.stack else ""
+        if k >= len(self.steps):
+            raise self._refuse(f"the inflated model makes more operations than the original ({ops.name_of(func)}"
+                               f"{where}): the input's channel count changes the computation")
+        step = self.steps[k]
+        if func != step.func:
+            raise self._refuse(f"operation {k} is {ops.name_of(step.func)} in {step.where} for the original model "
+                               f"and {ops.name_of(func)}{where} for the inflated one: the input's channel count "
+                               "changes the computation")
+        if not step.widened:
+            got = ops.atoms((args, kwargs))
+            holds_block = any(isinstance(tag, Channels) for _, tag in step.outs)
+            if len(got) != len(step.atoms):
+                raise self._refuse(f"{ops.name_of(func)}{where} gets other arguments on the inflated model")
+            for new, old in zip(got, step.atoms):
+                if new == old or (new != new and old != old):  # equal, or both NaN
+                    continue
+                if step.kind in _SIZES and holds_block and self._scaled(new, old):
+                    continue
+                raise self._refuse(f"{ops.name_of(func)}{where} gets {old!r} on the original model and {new!r} on "
+                                   "the inflated one: the input's channel count changes the computation")
+        return step
+
+    def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, step: Step) -> None:
+        where = f" in {self.stack[-1]}" if self.stack else ""
+        shapes = [tuple(t.shape) for t in ops.tensors(out)]
+        expected = [self._expected(shape, tag) for shape, tag in step.outs]
+        if len(shapes) != len(expected) or any(e is not None and s != e for s, e in zip(shapes, expected)):
+            raise self._refuse(f"{ops.name_of(func)}{where} gives shapes {shapes} on the inflated model, expected "
+                               f"{expected}: the input's channel count changes the computation")
+        if self.stop_at is not None and self.k > self.stop_at:
+            raise Stop()
+
+    def finish(self, out: Any) -> None:
+        if self.k != len(self.steps) and self.problem is None:
+            self.problem = (f"the inflated model makes {self.k} operations, the original {len(self.steps)}: the "
+                            "input's channel count changes the computation")
+
+
+def _wide_input(example: Tensor, counts: Sequence[int]) -> Tensor:
+    """An input of ``sum(counts)`` channels: meta, or built from the real example's channels."""
+    c = example.shape[1]
+    if example.is_meta:
+        return torch.empty(example.shape[0], sum(counts), *example.shape[2:], dtype=example.dtype, device="meta")
+    index = torch.cat([torch.arange(ci) % c for ci in counts]).to(example.device)
+    return example.index_select(1, index)
+
+
+def verify(model: nn.Module, found: Discovery, plan: Plan, counts: Sequence[int]) -> None:
+    """Run ``model`` with ``plan`` standing in on a ``sum(counts)``-channel input and
+    compare every operation with discovery's record.
+
+    Raises:
+        InexactError: the inflated model would fail on its new input (naming the module
+            and quoting the model's own message), or would compute differently.
+    """
+    assert found.example is not None
+    c, total = found.example.shape[1], sum(counts)
+    stop_at = None if found.reads else found.last_layer
+
+    def factory(owners: Owners, modules: dict[int, str]) -> _Replay:
+        return _Replay(owners, modules, found.steps, c, total, stop_at)
+
+    x = _wide_input(found.example, counts)
+    try:
+        replay = trace(model, x, factory, stack=True, meta=x.is_meta, plan=plan)
+    except TraceError as error:
+        cause = error.__cause__
+        message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
+        raise InexactError(f"the inflated model cannot read its new input of shape {tuple(x.shape)}: "
+                           f"{_failed_in(error)}raised {message}") from error
+    if replay.problem is not None:
+        raise InexactError(f"cannot inflate exactly:\n  - {replay.problem}")
+
+
+def _failed_in(error: TraceError) -> str:
+    stack = getattr(error, "failed_in", None)
+    return f"{stack[-1]} " if stack else ""
