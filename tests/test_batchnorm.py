@@ -108,3 +108,114 @@ def test_small_batch_guard():
 def test_arguments_are_checked(kwargs, message):
     with pytest.raises(InflateError, match=message):
         pin_batchnorm(_net(), **kwargs)
+
+
+def _mode(net, x=None):
+    """The mode ``net[1]`` runs in, after checking that ``.training`` said so before the forward pass."""
+    said = net[1].training
+    before = net[1].num_batches_tracked.item()
+    net(torch.randn(4, 3, 5, 5) if x is None else x)
+    ran = net[1].num_batches_tracked.item() == before + 1  # only batch statistics count batches
+    assert said is ran, f".training said {said}, the module ran in {'train' if ran else 'eval'} mode"
+    return "train" if ran else "eval"
+
+
+@pytest.mark.parametrize(("first", "second"), [("train", "eval"), ("eval", "train")])
+def test_the_newest_pin_wins_and_removing_it_restores_the_one_below(first, second):
+    net = _net()
+    lower = pin_batchnorm(net, first)
+    upper = pin_batchnorm(net, second)
+    for flip in (net.train, net.eval):
+        flip()
+        assert _mode(net) == second
+    upper.remove()
+    for flip in (net.train, net.eval):
+        flip()
+        assert _mode(net) == first
+    lower.remove()
+    for flip, expected in ((net.train, "train"), (net.eval, "eval")):
+        flip()
+        assert _mode(net) == expected  # unpinned: follows the model again
+
+
+@pytest.mark.parametrize(("first", "second"), [("train", "eval"), ("eval", "train")])
+def test_removing_the_lower_pin_keeps_the_upper_one(first, second):
+    net = _net()
+    lower = pin_batchnorm(net, first)
+    upper = pin_batchnorm(net, second)
+    lower.remove()
+    for flip in (net.train, net.eval):
+        flip()
+        assert _mode(net) == second
+    lower.remove()  # a second removal does nothing
+    assert _mode(net) == second
+    upper.remove()
+    assert _mode(net.eval()) == "eval" and _mode(net.train()) == "train"
+
+
+@pytest.mark.parametrize("model_mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_removal_restores_the_mode_the_last_train_or_eval_asked_for(model_mode, mode):
+    net = getattr(_net(), model_mode)()
+    with pin_batchnorm(net, mode):
+        assert _mode(net) == mode
+    assert _mode(net) == model_mode  # nothing called train()/eval() meanwhile: the state before the pin
+    with pin_batchnorm(net, mode):
+        net.train() if model_mode == "eval" else net.eval()
+    assert _mode(net) != model_mode  # the call made while pinned counts once the pin is gone
+
+
+def test_pins_share_one_hook_and_leave_nothing_behind():
+    net = _net()
+    bn = net[1]
+    assert len(bn._forward_pre_hooks) == 0 and "train" not in vars(bn)
+    first = pin_batchnorm(net, "eval")
+    assert len(bn._forward_pre_hooks) == 1 and "train" in vars(bn)  # control: the count sees the pin's hook
+    more = [pin_batchnorm(net, "eval") for _ in range(3)] + [pin_batchnorm(net, "train")]
+    assert len(bn._forward_pre_hooks) == 1  # five pins, one hook
+    first.remove()
+    assert len(bn._forward_pre_hooks) == 1 and _mode(net.eval()) == "train"
+    for pin in more:
+        pin.remove()
+    assert len(bn._forward_pre_hooks) == 0
+    assert "train" not in vars(bn) and not any(k.startswith("_inflate") for k in vars(bn))
+    assert _mode(net.train()) == "train"
+
+
+def test_the_guard_of_the_newest_pin_applies():
+    net = _net()
+    tiny = torch.randn(1, 3, 3, 3)
+    with pin_batchnorm(net, "train", small_batch="raise"):
+        with pin_batchnorm(net, "train", small_batch="ignore"):
+            net(tiny)  # the upper pin ignores small batches
+        with pytest.raises(InflateError, match="expected a batch of at least 2 samples"):
+            net(tiny)  # control: the lower pin's guard is back
+
+
+class _BatchNormWithDropout(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a batch norm with submodules of its own."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.drop = nn.Dropout(0.5)
+
+
+def test_children_of_a_pinned_batch_norm_follow_train_and_eval():
+    net = _net(_BatchNormWithDropout)
+    with pin_batchnorm(net, "eval"):
+        net.train()
+        assert not net[1].training and net[1].drop.training  # the norm is pinned, its dropout is not
+        net.eval()
+        assert not net[1].drop.training
+
+
+def test_a_copy_keeps_its_pins_when_the_original_is_unpinned():
+    net = _net()
+    pin = pin_batchnorm(net, "eval")
+    clone = copy.deepcopy(net)
+    pin.remove()
+    assert _mode(net.train()) == "train"
+    assert _mode(clone.train()) == "eval" and len(clone[1]._forward_pre_hooks) == 1
+    clone_pin = pin_batchnorm(clone, "train")  # the copy's pins stack like any others
+    clone_pin.remove()
+    assert _mode(clone.train()) == "eval"

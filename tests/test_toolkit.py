@@ -1,6 +1,9 @@
 """inflate.testing checks itself: deliberately wrong inflations must be caught, with a useful message."""
 
 import copy
+import importlib.metadata
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,7 +33,7 @@ def _pair():
 
 def test_a_correct_inflation_passes_and_reports_per_place():
     net, wide, xs = _pair()
-    report = assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+    report = assert_zero_inflation_equivalent(net, wide, xs, compare_at=["0"])
     assert set(report.diffs) == {"layer '0'", "output"} and report.max_relative_diff < 1e-14
 
 
@@ -39,7 +42,7 @@ def test_one_perturbed_weight_is_caught_with_where_and_how_much():
     with torch.no_grad():
         wide[0].weight[2, 1, 0, 0] += 1e-6
     with pytest.raises(AssertionError) as info:
-        assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+        assert_zero_inflation_equivalent(net, wide, xs, compare_at=["0"])
     message = str(info.value)
     assert "layer '0': relative L2 difference" in message and "largest at index (" in message
     assert "> rtol 1.0e-10" in message and "output:" in message
@@ -50,7 +53,7 @@ def test_a_changed_bias_is_caught():
     with torch.no_grad():
         wide[0].bias[0] += 1e-7
     with pytest.raises(AssertionError, match=r"layer '0'"):
-        assert_zero_inflation_equivalent(net, wide, xs, layers=["0"])
+        assert_zero_inflation_equivalent(net, wide, xs, compare_at=["0"])
 
 
 def test_the_wrong_input_slot_is_caught():
@@ -111,3 +114,40 @@ def test_pytest_plugin_gives_a_three_line_test(pytester):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+    # control: with the plugin switched off the fixture does not exist, so the test above used it
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:inflate")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'check_inflation' not found*"])
+
+
+def _imported_after(statement):
+    """The heavy modules that ``statement`` imports in a fresh interpreter."""
+    heavy = "('torch', 'hypothesis', 'inflate')"
+    probe = f"import sys; {statement}; print(sorted(m for m in {heavy} if sys.modules.get(m)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_the_pytest_plugin_is_registered_and_imports_neither_torch_nor_inflate():
+    plugins = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="pytest11")}
+    assert plugins.get("inflate") == "_inflate_pytestplugin", plugins  # the installed metadata is current
+    assert _imported_after("import _inflate_pytestplugin") == "[]"
+    # control: the probe sees torch when something does import it
+    assert _imported_after("import inflate.testing") == "['hypothesis', 'inflate', 'torch']"
+
+
+def test_inflate_testing_without_hypothesis_says_which_extra_to_install():
+    blocked = "sys.modules['hypothesis'] = None"  # makes `import hypothesis` raise ImportError
+    code = f"""import sys; {blocked}
+try:
+    import inflate.testing
+except ImportError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'expected the \'hypothesis\' package' in result.stdout
+    assert 'pip install "torch-inflate[testing]"' in result.stdout
+    # control: the core package does not need Hypothesis
+    assert _imported_after(f"{blocked}; import inflate") == "['inflate', 'torch']"

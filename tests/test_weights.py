@@ -77,3 +77,39 @@ def test_linear_patch_layout_round_trips_and_places_channels():
     assert canon.shape == (5, 3, 4, 1)
     assert torch.equal(from_canonical(canon, layout), w)
     assert torch.equal(canon[:, 1, 2, 0], w[:, 2 * 3 + 1])
+
+
+def _edit_in_place_then_fail(kernel, i, c):
+    kernel.mul_(0)
+    raise RuntimeError("user code failed after editing its argument")
+
+
+def test_an_init_callable_that_edits_its_argument_and_raises_leaves_the_model_unchanged():
+    from torch import nn
+
+    from inflate import inflate_first_conv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).to(D)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(Exception):  # whatever the error is (the user's, or one wrapping it)
+        inflate_first_conv(model, 2, init=_edit_in_place_then_fail, example_input=torch.zeros(1, 3, 8, 8, dtype=D))
+    assert torch.equal(model[0].weight, before) and model[0].in_channels == 3
+
+
+def test_an_init_callable_gets_its_own_copy_of_the_kernel():
+    w = torch.randn(4, 3, 3, 3, dtype=D)
+    kernel = to_canonical(w, KernelLayout("conv"))
+    seen = []
+
+    def scale_in_place(kern, i, c):
+        seen.append(kern)
+        return kern.mul_(i + 2)
+
+    got = inflate_kernel(kernel, [3, 3], scale_in_place)
+    assert torch.equal(got, torch.cat([2 * kernel, 3 * kernel], 1))  # each call edited a fresh copy
+    assert seen[0].data_ptr() not in (w.data_ptr(), seen[1].data_ptr())
+    # control: the canonical kernel is a view of the weight, so without the copy the edit reaches it
+    with pytest.raises(RuntimeError, match="user code failed"):
+        _edit_in_place_then_fail(kernel, 0, 3)
+    assert not w.any()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from ._errors import InflateError
@@ -81,9 +82,7 @@ def to_canonical(weight: Tensor, layout: KernelLayout) -> Tensor:
     if layout.kind not in ("conv", "transposed", "linear"):
         raise InflateError(f"kernel layout: expected one of conv, transposed, linear, got {layout.kind!r}")
     dense = _densify(weight, layout.groups, transposed=layout.kind == "transposed")
-    out, features, *k = dense.shape
-    c = features // (layout.outer * layout.inner)
-    return dense.reshape(out, layout.outer, c, layout.inner, *k).transpose(1, 2)
+    return rearrange(dense, "out (outer c inner) ... -> out c outer inner ...", outer=layout.outer, inner=layout.inner)
 
 
 def from_canonical(kernel: Tensor, layout: KernelLayout) -> Tensor:
@@ -94,9 +93,8 @@ def from_canonical(kernel: Tensor, layout: KernelLayout) -> Tensor:
         >>> from_canonical(k, KernelLayout("transposed")).shape
         torch.Size([6, 5, 3, 3])
     """
-    out, c, outer, inner, *k = kernel.shape
-    stored = kernel.transpose(1, 2).reshape(out, outer * c * inner, *k)
-    return stored.transpose(0, 1) if layout.kind == "transposed" else stored
+    stored = rearrange(kernel, "out c outer inner ... -> out (outer c inner) ...")
+    return rearrange(stored, "out cin ... -> cin out ...") if layout.kind == "transposed" else stored
 
 
 def _check_block(block: object, expected: tuple[int, ...], kernel: Tensor, index: int) -> Tensor:
@@ -124,7 +122,8 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
       mean, rescaled), so a constant input gives the original response to that
       constant (divided by ``N`` with ``scale``).
     * a callable ``fn(kernel, i, channels[i])`` returns block ``i`` itself; ``scale``
-      is not applied to it.
+      is not applied to it. Each call gets its own copy of ``kernel``, so a callable
+      that edits its argument in place changes neither ``kernel`` nor the other blocks.
 
     With ``"repeat"`` or ``"zero"``, an input whose channel count differs from ``C``
     gets the ``"average"`` block.
@@ -159,7 +158,9 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
     same = None  # the block of every input with C channels under "repeat", made once
     for i, ci in enumerate(channels):
         if callable(init):
-            blocks.append(_check_block(init(kernel, i, ci), (out, ci, *rest), kernel, i))
+            # a copy per call: an in-place edit by user code (even one that then raises) must not
+            # reach the caller's kernel, which may be a view of a model's weight
+            blocks.append(_check_block(init(kernel.clone(), i, ci), (out, ci, *rest), kernel, i))
             continue
         if init == "zero" and i > 0:
             blocks.append(kernel.new_zeros((out, ci, *rest)))
@@ -170,4 +171,6 @@ def inflate_kernel(kernel: Tensor, channels: Sequence[int], init: Init = "repeat
             if same is None:
                 same = kernel / divisor if divisor != 1 else kernel
             blocks.append(same)
+    if len(set(channels)) == 1:  # N inputs of the same width: the N blocks side by side on the channel axis
+        return rearrange(torch.stack(blocks, dim=1), "out n c ... -> out (n c) ...")
     return torch.cat(blocks, dim=1)

@@ -4,6 +4,9 @@ Hypothesis strategies build random small conv networks and matching inputs;
 assertion helpers compare an inflated model with the original at the widened
 layers and at the output, and say where and by how much they differ.
 
+It needs Hypothesis, which the ``testing`` extra installs:
+``pip install "torch-inflate[testing]"``.
+
 Example:
     >>> import torch, torch.nn as nn
     >>> from inflate.testing import check_inflation
@@ -12,6 +15,14 @@ Example:
     >>> report.max_relative_diff < 1e-10
     True
 """
+
+try:
+    import hypothesis  # noqa: F401 - the strategies need it; fail here, with the fix in the message
+except ImportError as err:  # pragma: no cover - exercised in a subprocess by tests/test_toolkit.py
+    raise ImportError(
+        "inflate.testing: expected the 'hypothesis' package (>= 6.100), got none installed "
+        f"({err}); install the extra with: pip install \"torch-inflate[testing]\""
+    ) from err
 
 from ._assertions import (
     Report,
