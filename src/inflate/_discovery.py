@@ -184,7 +184,7 @@ class _InputTracer(Tracer):
         if tag is not None:
             self.mark(mutated, tag)
         if isinstance(tag, Channels) and was == tag:
-            return  # a channel-wise write: every view keeps its layout
+            return  # a channel-wise write: every view keeps its channel block
         # an in-place write that is not channel-wise: every tagged view of the same memory is lost
         key = _storage(mutated)
         lost = Lost(f"in-place {name} on a view of the input{self.where()}")

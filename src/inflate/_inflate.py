@@ -41,7 +41,7 @@ def _validate(num_inputs: object, init: object, scale: object, channels: object,
 
 
 def _declared_layers(model: nn.Module, names: Sequence[str]) -> list[InputLayer]:
-    """Plain layouts for layers named by the user when the model cannot be traced."""
+    """Plain kernel layouts for layers named by the user when the model cannot be traced."""
     layers = []
     for name in names:
         try:

@@ -230,7 +230,7 @@ def _source(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
 def _pointwise(out: Tensor, operands: list[Tensor], lookup_tag: Lookup, name: str) -> Tag:
     tags = {lookup_tag(t) for t in operands} - {None}
     if len(tags) != 1:
-        return Lost(f"{name} of tensors with different channel layouts")
+        return Lost(f"{name} of tensors whose channel blocks lie differently")
     (tag,) = tags
     assert isinstance(tag, Channels)
     src = next(t for t in operands if lookup_tag(t) is not None)
@@ -437,4 +437,4 @@ def setitem_tag(target: Tensor, index: Any, value: Any, lookup_tag: Lookup) -> T
             Lost(f"__setitem__ of a per-channel value of shape {tuple(value.shape)}")
     if value_tag == Channels(aligned, tag.outer, tag.inner):
         return tag
-    return Lost("__setitem__ of the input into itself in another layout")
+    return Lost("__setitem__ of the input into itself with its channels elsewhere")
