@@ -261,3 +261,17 @@ def test_the_real_run_is_tracked_like_the_meta_one():
     with pytest.raises(InexactError, match=r"Tensor.__bool__"):
         inflate_first_conv(Net(lambda self, x: _branch(self, _weight_branch(self, x))).double(), 2,
                            example_input=X)
+
+
+def test_the_op_table_declares_each_function_once_and_every_name_resolves():
+    from inflate import _ops
+
+    declared = {name for names in _ops._KINDS.values() for name in names.split()}
+    resolved = {op.name for op in _ops.TABLE.values()}
+    assert declared == resolved, f"names that match no torch function: {declared - resolved}"
+    # the forms a TorchFunctionMode receives are keys of one declaration
+    forms = [torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.add_,
+             torch.Tensor.__iadd__]
+    assert {_ops.lookup(f) for f in forms} == {_ops.Op("pointwise", "add")}
+    assert _ops.lookup(torch.Tensor.shape.__get__).kind == "size"
+    assert _ops.lookup(torch.fliplr) is None  # unknown, reported as such

@@ -81,7 +81,7 @@ _KINDS: dict[str, str] = {
         clone detach float double half bfloat16 requires_grad_ add sub subtract mul multiply div divide
         true_divide floor_divide remainder fmod rsub maximum minimum fmax fmin where lerp addcmul addcdiv
         eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan isinf isfinite masked_fill
-        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity""",
+        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout""",
     "dtype": "to type type_as",  # other tensor operands describe only the dtype or device
     "fresh": "zeros_like ones_like empty_like full_like rand_like randn_like randint_like",  # shaped like it
     "new": "new_zeros new_ones new_empty new_full new_tensor",  # sizes from Python: no data flows
