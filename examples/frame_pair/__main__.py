@@ -1,9 +1,10 @@
 """Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate> [--smoke] ...``.
 
 Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke]``): ``metrics.json``,
-PNG plots and pictures, and ``models/`` (safetensors + JSON). Complete stages found
-there are reused; an interrupted one continues with ``--resume``. Under ``torchrun``
-the training runs with DistributedDataParallel (gloo on CPU, nccl on GPU).
+PNG plots and pictures, and ``models/`` (one ``.safetensors`` file per stage, its metadata in the
+file's header). Complete stages found there are reused; an interrupted one continues with
+``--resume``. Under ``torchrun`` the training runs with DistributedDataParallel (gloo on CPU,
+nccl on GPU).
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ def evaluate(runs: list[Path]) -> dict[str, dict[str, float]]:
     table = []
     scores: dict[str, dict[str, float]] = {}
     for run in runs:
-        for meta_path in sorted((run / "models").glob("*.json")):
-            model, meta = pipeline.load_model(meta_path.with_suffix(""))
+        for path in sorted((run / "models").glob("*.safetensors")):
+            model, meta = pipeline.load_model(path)
             model.eval()
             cfg = meta["run"]
             size = tuple(int(v) for v in cfg["size"].strip("()").split(","))

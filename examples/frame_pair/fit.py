@@ -4,7 +4,7 @@ cached frozen features, DistributedDataParallel, and resumable per-epoch checkpo
 from __future__ import annotations
 
 import io
-import os
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from inflate import SpikeMonitor, check_optimizer, finetune, load_checkpoint, pin_batchnorm, save_checkpoint, split_frozen
+from inflate._checkpoint import _atomic_write
 
 from .data import Sample
 from .model import coordinate_loss
@@ -44,6 +45,35 @@ class History:
     epochs: list[float] = field(default_factory=list)
     spikes: list[dict[str, float]] = field(default_factory=list)
     trainable: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """As checkpoint metadata, which is strict JSON: non-finite losses (a diverged run) become None."""
+        return _finite_or_none(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> History:
+        """Back from :meth:`to_json`: None (a non-finite loss) becomes NaN."""
+        return cls(**_none_to_nan(data))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _none_to_nan(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: _none_to_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_none_to_nan(v) for v in value]
+    return value
 
 
 def world() -> tuple[int, int]:
@@ -76,11 +106,8 @@ def _mean_over_ranks(value: float) -> float:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` as checkpoints are written (temporary file, fsync, one rename, folder fsync)."""
+    _atomic_write(path, data)
 
 
 def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
@@ -100,10 +127,10 @@ def fit(model: nn.Module, samples: list[Sample], cfg: FitConfig, *, checkpoint: 
     pin_batchnorm(model, "eval", small_batch="ignore")
     model.train()
     history, start = History(trainable=str(report)), 0
-    if checkpoint is not None and Path(f"{checkpoint}.json").exists():
+    if checkpoint is not None and Path(f"{checkpoint}.safetensors").exists():
         state, meta = load_checkpoint(checkpoint)
         model.load_state_dict(state)
-        history = History(**meta["history"])
+        history = History.from_json(meta["history"])
         start = len(history.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (
@@ -141,7 +168,7 @@ def fit(model: nn.Module, samples: list[Sample], cfg: FitConfig, *, checkpoint: 
         history.spikes = [asdict(s) for s in monitor.spikes]
         bar.set_postfix(loss=f"{history.epochs[-1]:.6f}")
         if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, {**(metadata or {}), "fit": asdict(cfg), "history": asdict(history)})
+            save_checkpoint(checkpoint, model, {**(metadata or {}), "fit": asdict(cfg), "history": history.to_json()})
             if optim_path is not None:
                 _save_optimizer(optim_path, optimizer)
     return history

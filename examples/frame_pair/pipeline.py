@@ -90,7 +90,7 @@ def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: st
     path = cfg.out / "models" / name
     meta = {"stage": name, "architecture": "CoordNet(tf_efficientnet_lite0)", "num_inputs": num_inputs,
             "init": init, "run": {k: str(v) for k, v in asdict(cfg).items()}}
-    if Path(f"{path}.json").exists():
+    if Path(f"{path}.safetensors").exists():
         state, stored = load_checkpoint(path)
         keys = ("size", "videos", "frames", "seed", "batch_size")
         differ = [f"{k}: {stored['run'].get(k)} there, {meta['run'][k]} now" for k in keys
@@ -100,7 +100,7 @@ def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: st
         done = len(stored["history"]["epochs"])
         if done >= fit_cfg.epochs:
             model.load_state_dict(state)
-            return model.to(device()), History(**stored["history"])
+            return model.to(device()), History.from_json(stored["history"])
         if not cfg.resume:
             raise SystemExit(f"{path}: an interrupted stage ({done} of {fit_cfg.epochs} epochs); "
                              "pass --resume to continue it or choose another --out")
