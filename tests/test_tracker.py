@@ -275,3 +275,60 @@ def test_the_op_table_declares_each_function_once_and_every_name_resolves():
     assert {_ops.lookup(f) for f in forms} == {_ops.Op("pointwise", "add")}
     assert _ops.lookup(torch.Tensor.shape.__get__).kind == "size"
     assert _ops.lookup(torch.fliplr) is None  # unknown, reported as such
+
+
+class _Reader(nn.Module):
+    """A submodule that reads the input's shape (as timm's patch embeddings do) and then
+    hands the channel count on in one of the ways the replay must not stop early for."""
+
+    def __init__(self, leak):
+        super().__init__()
+        self.leak = leak
+
+    def forward(self, x, info=None):
+        b, c, h, w = x.shape
+        if self.leak == "attribute":
+            self.count = c
+        elif self.leak == "return":
+            return x, c
+        elif self.leak == "dict":
+            info["count"] = c
+        return x
+
+
+class _Leaky(nn.Module):
+    def __init__(self, leak):
+        super().__init__()
+        self.reader = _Reader(leak)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.leak = leak
+
+    def forward(self, x):
+        info = {}
+        if self.leak == "return":
+            x, count = self.reader(x)
+        else:
+            x = self.reader(x, info) if self.leak == "dict" else self.reader(x)
+            count = {"attribute": lambda: self.reader.count, "dict": lambda: info["count"],
+                     "none": lambda: 3}[self.leak]()
+        y = self.conv(x)
+        return y * (1.0 / count)  # after the last widened layer: only a full replay sees it
+
+
+@pytest.mark.parametrize("leak", ["attribute", "return", "dict"])
+def test_a_channel_count_carried_out_of_the_reading_module_is_caught_after_the_widened_layer(leak):
+    net = _Leaky(leak).double()
+    with pytest.raises(InexactError, match=r"gets 0.333\d* on the original model and 0.166\d* on the inflated"):
+        inflate_first_conv(net, 2, example_input=X)
+    assert net.conv.in_channels == 3
+
+
+def test_a_shape_read_kept_inside_a_submodule_lets_the_replay_stop_after_it():
+    from inflate._discovery import discover
+
+    contained, leaky = discover(_Leaky("none").double(), X), discover(_Leaky("attribute").double(), X)
+    assert contained.replay_until is not None and leaky.replay_until is None
+    net = _Leaky("none").double()
+    wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=X)
+    x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
+    assert_zero_inflation_equivalent(net, wide, [x1, x2], compare_at=["conv"], rtol=1e-12)

@@ -78,8 +78,7 @@ class Discovery:
     layers: list[InputLayer] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
-    reads: bool = False  # Python read a size of an input-derived tensor
-    last_layer: int = -1  # index in ``steps`` of the last input layer
+    replay_until: int | None = None  # index in ``steps`` after which nothing depends on C (None: the end)
     example: Tensor | None = None  # the input the trace ran on (meta, or the real example)
 
     def raise_problems(self) -> None:
@@ -106,8 +105,10 @@ class _InputTracer(Tracer):
         self.elsewhere: set[str] = set()  # input layers whose weight also reads other tensors
         self.problems: list[str] = []
         self.steps: list[Step] = []
-        self.reads = False
         self.last_layer = -1
+        self.read_depths: set[int] = set()  # stack depths of module calls that read a size of the input
+        self.contained = True  # every such call returned tensors only and set no attribute
+        self.resume = 0  # steps recorded when the last such call returned
         self.example: Tensor | None = None
 
     def start(self, x: Tensor) -> None:
@@ -150,8 +151,10 @@ class _InputTracer(Tracer):
                                  "values (a branch, a number or a list): the inflated model would compute them "
                                  "from other values")
             raise Stop()
-        if tagged and (kind == "size" or kind == "split"):
-            self.reads = True  # a size, or a number of pieces, that may depend on the channel count
+        if tagged and (kind == "size" or kind == "split"):  # a size, or a number of pieces: may be C
+            if len(self.stack) <= 1:
+                self.contained = False  # read by the root module's forward, which runs to the end
+            self.read_depths.add(len(self.stack))
         return op, operands, tagged, widened
 
     def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, seen: Any) -> None:
@@ -162,6 +165,24 @@ class _InputTracer(Tracer):
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
                                [(tuple(t.shape), self.tag(t)) for t in ops.tensors(out)], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
+
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        """A module call that read a size of the input has returned: the size stayed inside it
+        if it returned tensors only, took no mutable container and set no attribute."""
+        depth = len(self.stack)
+        if depth in self.read_depths:
+            self.read_depths.discard(depth)
+            self.contained = self.contained and _only_tensors(out) and _only_tensors(args) \
+                and not self.attributes_changed()
+            self.resume = len(self.steps)
+        super().leave(module, args, out)
+
+    def replay_until(self) -> int | None:
+        """Index of the last step the replay must check: the last input layer, or the end of
+        the last module call that read a size of the input (None: the whole forward)."""
+        if self.read_depths or not self.contained:
+            return None
+        return max(self.last_layer, self.resume - 1)
 
     def _follow(self, op: ops.Op | None, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any,
                 operands: list[Tensor]) -> None:
@@ -232,6 +253,13 @@ class _InputTracer(Tracer):
         return True
 
 
+def _only_tensors(tree: Any) -> bool:
+    """Tensors, None or tuples of them: nothing that can carry a Python number out, or be written into."""
+    if tree is None or isinstance(tree, Tensor):
+        return True
+    return type(tree) is tuple and all(_only_tensors(t) for t in tree)
+
+
 def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery:
     """Trace ``model`` once (see :mod:`inflate._tracer`) and report the layers that read its input.
 
@@ -240,8 +268,8 @@ def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery
     """
     model = unwrap(model)
     tracer = trace(model, example_input, _InputTracer, stack=True)
-    found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.reads,
-                      tracer.last_layer, tracer.example)
+    found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
+                      tracer.example)
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
             found.problems.append(f"layer '{layer.name}' reads the input and also other tensors: widening it "

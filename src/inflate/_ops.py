@@ -204,16 +204,37 @@ def tensors(tree: Any) -> list[Tensor]:
 
 def atoms(tree: Any) -> list[Any]:
     """The leaves of ``tree`` that are not tensors (Python numbers, sizes, slices, ...),
-    with slices opened into their ``start, stop, step``."""
+    with slices opened into their ``start, stop, step`` (plain tuples, lists and dicts
+    walked directly, anything else through ``torch.utils._pytree``).
+
+    Example:
+        >>> atoms(((torch.zeros(1), 2, slice(None, 3)), {"dim": 1}))
+        [2, None, 3, None, 1]
+    """
     out: list[Any] = []
-    for leaf in torch.utils._pytree.tree_leaves(tree):
-        if isinstance(leaf, Tensor):
-            continue
-        if isinstance(leaf, slice):
-            out.extend((leaf.start, leaf.stop, leaf.step))
-        else:
-            out.append(leaf)
+    _atoms_into(tree, out)
     return out
+
+
+def _atoms_into(tree: Any, out: list[Any]) -> None:
+    kind = type(tree)
+    if kind is tuple or kind is list or kind is torch.Size:
+        for item in tree:
+            _atoms_into(item, out)
+    elif kind is dict:
+        for item in tree.values():
+            _atoms_into(item, out)
+    elif kind is slice:
+        out.extend((tree.start, tree.stop, tree.step))
+    elif kind in _ATOMS:
+        out.append(tree)
+    elif not isinstance(tree, Tensor):
+        leaves = torch.utils._pytree.tree_leaves(tree)
+        if len(leaves) == 1 and leaves[0] is tree:
+            out.append(tree)
+        else:
+            for leaf in leaves:
+                _atoms_into(leaf, out)
 
 
 def arg(args: Sequence[Any], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:

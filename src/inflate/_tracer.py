@@ -26,6 +26,8 @@ from ._errors import InflateError, TraceError
 
 __all__ = ["Tracer", "Plan", "Stop", "trace", "unwrap", "default_example_inputs", "label"]
 
+#: Each module's ``__dict__`` and a copy of it as the call began.
+Snapshots = list[tuple[dict[str, Any], dict[str, Any]]]
 #: id(parameter stand-in) -> [(module name, attribute)], one entry per owning module.
 Owners = dict[int, list[tuple[str, str]]]
 
@@ -56,6 +58,20 @@ class Tracer(TorchFunctionMode):
         self.modules = modules
         self.stack: list[str] = []  # labels of the modules being called, innermost last
         self.failed_in: list[str] | None = None  # the stack where the model raised, if it did
+        self.snapshots: Snapshots = []  # module __dict__s as the call began, and their copies
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        """Called as a module's forward begins (with ``stack=True``)."""
+        self.stack.append(label(self.modules.get(id(module), "?"), module))
+
+    def leave(self, module: nn.Module, args: Any, out: Any) -> None:
+        """Called as a module's forward returns or raises (with ``stack=True``)."""
+        self.stack.pop()
+
+    def attributes_changed(self) -> bool:
+        """Whether the forward so far set, replaced or deleted any module attribute."""
+        return any(len(state) != len(snap) or any(state.get(k, _ABSENT) is not v for k, v in snap.items())
+                   for state, snap in self.snapshots)
 
     def start(self, x: Tensor) -> None:
         """Called with the (meta or real) input before the forward pass."""
@@ -89,6 +105,7 @@ class Tracer(TorchFunctionMode):
 
 
 T = TypeVar("T", bound=Tracer)
+_ABSENT = object()
 
 
 def _bug(func: Callable[..., Any], tracer: Tracer, error: Exception) -> InflateError:
@@ -108,13 +125,19 @@ def label(name: str, module: nn.Module) -> str:
 
 @contextmanager
 def _module_stack(tracer: Tracer) -> Iterator[None]:
-    def pre(module: nn.Module, _: Any) -> None:
-        tracer.stack.append(label(tracer.modules.get(id(module), "?"), module))
+    def pre(module: nn.Module, args: Any) -> None:
+        tracer.enter(module, args)
 
-    def post(module: nn.Module, _: Any, __: Any) -> None:
-        if tracer.failed_in is None and sys.exc_info()[0] is not None:  # called from an except block
-            tracer.failed_in = list(tracer.stack)
-        tracer.stack.pop()
+    def post(module: nn.Module, args: Any, out: Any) -> None:
+        if sys.exc_info()[0] is not None:  # called from an except block: the forward raised
+            if tracer.failed_in is None:
+                tracer.failed_in = list(tracer.stack)
+            tracer.stack.pop()
+            return
+        try:
+            tracer.leave(module, args, out)
+        except Exception as error:
+            raise _bug(module.forward, tracer, error) from error
 
     handles = [
         nn.modules.module.register_module_forward_pre_hook(pre),
@@ -188,13 +211,15 @@ def _twins(walk: list[tuple[str, nn.Module]], meta: bool,
 
 
 @contextmanager
-def _swapped(swaps: list[Swap], attrs: dict[int, dict[str, Any]]) -> Iterator[None]:
+def _swapped(swaps: list[Swap], attrs: dict[int, dict[str, Any]]) -> Iterator[Snapshots]:
     """Every module reads its stand-ins during the call, with the plain attributes in
     ``attrs[id(module)]`` set (a widened layer's ``in_channels`` and ``groups``).
     Afterwards each module's attributes are exactly what they were (the very same
     objects): the parameter, buffer and submodule dicts, and any plain attribute a
-    forward set or replaced, such as a cached tensor."""
+    forward set or replaced, such as a cached tensor. Yields each module's ``__dict__``
+    with a copy of it as the call begins."""
     saved = []
+    began = []
     try:
         for module, params, buffers in swaps:
             state = module.__dict__
@@ -202,7 +227,8 @@ def _swapped(swaps: list[Swap], attrs: dict[int, dict[str, Any]]) -> Iterator[No
             state["_parameters"], state["_buffers"] = params, buffers
             state["_modules"] = dict(state["_modules"])  # a submodule registered in forward is dropped
             state.update(attrs.get(id(module), {}))
-        yield
+            began.append((state, state.copy()))
+        yield began
     finally:
         for state, before in saved:
             state.clear()
@@ -230,7 +256,8 @@ def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], x: Tensor, meta: b
     swaps, owners = _twins(walk, meta, plan.weights)
     tracer = factory(owners, {id(m): n for n, m in walk})
     tracer.start(x)
-    with torch.no_grad(), _swapped(swaps, plan.attrs), _module_stack(tracer) if stack else nullcontext():
+    with torch.no_grad(), _swapped(swaps, plan.attrs) as tracer.snapshots, \
+            _module_stack(tracer) if stack else nullcontext():
         try:
             with tracer:
                 out = model(x)

@@ -14,9 +14,12 @@ discovery recorded at the same position:
 * outputs of the expected shapes: a tensor that holds the channel block has it
   ``N*C`` wide, every other tensor the very same shape.
 
-If Python never read a size of an input-derived tensor during discovery, the
-channel count cannot have reached the computation through Python, and the replay
-stops after the last widened layer. Otherwise it runs the whole forward.
+The replay stops early where the channel count cannot reach the rest of the
+computation through Python: after the last widened layer if Python never read a size
+of an input-derived tensor during discovery; else after the last module call that read
+one, if every such call was a submodule's that returned tensors only, received no list
+or dict, and set no module attribute (timm's patch embeddings unpack
+``B, C, H, W = x.shape``). Otherwise it runs the whole forward.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class _Replay(Tracer):
             if len(got) != len(step.atoms):
                 raise self._refuse(f"{ops.name_of(func)}{where} gets other arguments on the inflated model")
             for new, old in zip(got, step.atoms):
-                if new == old or (new != new and old != old):  # equal, or both NaN
+                if _same(new, old):
                     continue
                 if step.kind in _SIZES and holds_block and self._scaled(new, old):
                     continue
@@ -102,6 +105,16 @@ class _Replay(Tracer):
                             "input's channel count changes the computation")
 
 
+def _same(new: Any, old: Any) -> bool:
+    """Equal non-tensor arguments (both NaN counts as equal; anything that cannot say, as not)."""
+    if new is old:
+        return True
+    try:
+        return bool(new == old) or (type(new) is float and type(old) is float and new != new and old != old)
+    except Exception:  # noqa: BLE001 - e.g. an array, whose == gives no single truth value
+        return False
+
+
 def _wide_input(example: Tensor, counts: Sequence[int]) -> Tensor:
     """An input of ``sum(counts)`` channels: meta, or built from the real example's channels."""
     c = example.shape[1]
@@ -121,7 +134,7 @@ def verify(model: nn.Module, found: Discovery, plan: Plan, counts: Sequence[int]
     """
     assert found.example is not None
     c, total = found.example.shape[1], sum(counts)
-    stop_at = None if found.reads else found.last_layer
+    stop_at = found.replay_until
 
     def factory(owners: Owners, modules: dict[int, str]) -> _Replay:
         return _Replay(owners, modules, found.steps, c, total, stop_at)
