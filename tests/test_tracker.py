@@ -332,3 +332,27 @@ def test_a_shape_read_kept_inside_a_submodule_lets_the_replay_stop_after_it():
     wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=X)
     x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
     assert_zero_inflation_equivalent(net, wide, [x1, x2], compare_at=["conv"], rtol=1e-12)
+
+
+def _copy_into_buffer(self, x):  # the input copied into a fresh buffer, then a row overwritten alike
+    buf = torch.empty_like(x)
+    buf.copy_(x)
+    buf[:, :, 0].copy_(torch.zeros(()))
+    return buf
+
+
+def _copy_per_channel(self, x):
+    x = x.clone()
+    x.copy_(x * torch.tensor([1.0, 2.0, 3.0], dtype=x.dtype).view(1, 3, 1, 1))
+    return x
+
+
+def test_copy_is_followed_like_its_out_of_place_form():
+    net = Net(_copy_into_buffer).double().eval()
+    x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
+    rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=X)
+    assert_repeat_equivalent(net, rep, x1, 2, compare_at=["conv"], rtol=1e-12)
+    zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=X)
+    assert_zero_inflation_equivalent(net, zero, [x1, x2], compare_at=["conv"], rtol=1e-12)
+    with pytest.raises(InexactError, match=r"per-channel operand of shape \(1, 3, 1, 1\)"):
+        inflate_first_conv(Net(_copy_per_channel).double(), 2, example_input=X)

@@ -81,7 +81,8 @@ _KINDS: dict[str, str] = {
         clone detach float double half bfloat16 requires_grad_ add sub subtract mul multiply div divide
         true_divide floor_divide remainder fmod rsub maximum minimum fmax fmin where lerp addcmul addcdiv
         eq ne lt le gt ge logical_not logical_and logical_or bitwise_not isnan isinf isfinite masked_fill
-        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout""",
+        dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout fill zero""",
+    "copy": "copy",  # dst.copy_(src): dst holds src, broadcast
     "dtype": "to type type_as",  # other tensor operands describe only the dtype or device
     "fresh": "zeros_like ones_like empty_like full_like rand_like randn_like randint_like",  # shaped like it
     "new": "new_zeros new_ones new_empty new_full new_tensor",  # sizes from Python: no data flows
@@ -369,6 +370,8 @@ def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwar
         return _pointwise(results[0], operands, lookup_tag, name)
     if kind == "join":
         return _joined(name, args, kwargs, lookup_tag)
+    if kind == "copy" and len(results) == 1:
+        return _copied(results[0], arg(args, kwargs, 1, "src"), lookup_tag)
     if not isinstance(tag, Channels) or len(tagged) != 1:
         return Lost(f"{name} of the input with other tensors" if tag is not None else f"{name} on the input")
     return _structural(kind, name, func, args, kwargs, src, tag, results, channels)
@@ -435,6 +438,23 @@ def _joined(name: str, args: Sequence[Any], kwargs: dict[str, Any], lookup_tag: 
         return Channels(tag.dim + (dim <= tag.dim), tag.outer, tag.inner)
     dim %= ndim
     return tag if dim != tag.dim else Lost(f"{name} along the channel axis")
+
+
+def _copied(dst: Tensor, src: Any, lookup_tag: Lookup) -> Tag:
+    """Tag of ``dst`` after ``dst.copy_(src)``: ``src`` broadcast to ``dst``'s shape."""
+    src_tag = lookup_tag(src) if isinstance(src, Tensor) else None
+    if isinstance(src_tag, Lost):
+        return src_tag
+    if isinstance(src_tag, Channels):
+        dim = src_tag.dim + dst.ndim - src.ndim
+        return Channels(dim, src_tag.outer, src_tag.inner) if dst.shape[dim] == src.shape[src_tag.dim] else \
+            Lost("copy_ that broadcast the channel axis")
+    tag = lookup_tag(dst)
+    if not isinstance(tag, Channels):
+        return tag if tag is not None else Lost("copy_ on the input")
+    aligned = tag.dim - (dst.ndim - src.ndim) if isinstance(src, Tensor) else -1
+    return tag if aligned < 0 or src.shape[aligned] == 1 else \
+        Lost(f"copy_ of a per-channel value of shape {tuple(src.shape)}")
 
 
 def setitem_tag(target: Tensor, index: Any, value: Any, lookup_tag: Lookup) -> Tag | None:
