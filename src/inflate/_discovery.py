@@ -284,9 +284,10 @@ def find_input_layers(model: nn.Module, example_input: Tensor | None = None) -> 
 
     Args:
         model: any module; ``DataParallel``/DDP/``torch.compile`` wrappers are looked through.
-        example_input: a tensor ``(B, C, ...)`` the model accepts; only its shape and
-            dtype matter. By default ``C`` is taken from the first conv layer and the
-            spatial size from a timm ``pretrained_cfg`` (else 224).
+        example_input: a tensor ``(B, C, ...)`` the model accepts; its shape and dtype
+            are used on the meta device, its values only if the model cannot run on meta.
+            By default ``C`` is taken from the first conv layer and the spatial size from
+            a timm ``pretrained_cfg`` (else 224).
 
     Returns:
         Names as in ``model.named_modules()`` of the unwrapped model.

@@ -129,8 +129,9 @@ def inflate_first_conv(
             they must equal the discovered ones (a check); if it cannot
             (:class:`~inflate.TraceError`), these layers are widened as plain
             conv/linear layers, unverified: exactness is then your responsibility.
-        example_input: a tensor ``(B, C, ...)`` the model accepts; only shape and dtype
-            are used (the trace runs on the meta device).
+        example_input: a tensor ``(B, C, ...)`` the model accepts. Its shape and dtype
+            are used on the meta device; its values only if the model cannot run on meta
+            (then it runs once for real, followed the same way).
 
     Returns:
         ``model`` itself, changed in place.
