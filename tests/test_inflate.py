@@ -116,7 +116,7 @@ def test_heterogeneous_channels_zero_rule():
         ({"channels": (3, 0)}, r"channels: expected a sequence of ints >= 1"),
         ({"input_layers": "k3"}, r"input_layers: expected a non-empty sequence of layer names, got 'k3'"),
         ({"input_layers": ["k3"]}, r"input_layers: expected exactly the layers that read the input, \['k3', 'k1', 'pool_conv'\]"),
-        ({"example_input": [1, 2]}, r"example_input: expected a Tensor, got list"),
+        ({"example_input": [1, 2]}, r"example_input: expected a Tensor, a tuple of positional arguments or a dict of keyword arguments, got list"),
     ],
 )
 def test_invalid_arguments_are_refused_at_the_door_and_change_nothing(kwargs, message):

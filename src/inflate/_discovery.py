@@ -22,6 +22,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from . import _ops as ops
+from ._call import Call, Example
 from ._errors import InexactError
 from ._ops import Channels, Lost, Tag
 from ._tracer import Owners, Stop, Tracer, trace, unwrap
@@ -79,7 +80,7 @@ class Discovery:
     problems: list[str] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     replay_until: int | None = None  # index in ``steps`` after which nothing depends on C (None: the end)
-    example: Tensor | None = None  # the input the trace ran on (meta, or the real example)
+    call: Call | None = None  # the call the trace ran (meta, or the real example)
 
     def raise_problems(self) -> None:
         """Raise :class:`InexactError` listing every problem, if there are any."""
@@ -109,11 +110,9 @@ class _InputTracer(Tracer):
         self.read_depths: set[int] = set()  # stack depths of module calls that read a size of the input
         self.contained = True  # every such call returned tensors only and set no attribute
         self.resume = 0  # steps recorded when the last such call returned
-        self.example: Tensor | None = None
 
     def start(self, x: Tensor) -> None:
         self.channels = int(x.shape[1])
-        self.example = x
         self.mark(x, Channels(1))
 
     def finish(self, out: Any) -> None:
@@ -260,16 +259,16 @@ def _only_tensors(tree: Any) -> bool:
     return type(tree) is tuple and all(_only_tensors(t) for t in tree)
 
 
-def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery:
+def discover(model: nn.Module, example_input: Example | None = None, input_arg: int | str | None = None) -> Discovery:
     """Trace ``model`` once (see :mod:`inflate._tracer`) and report the layers that read its input.
 
     Raises:
         TraceError: the model cannot be run on the example input, or is lazy.
     """
     model = unwrap(model)
-    tracer = trace(model, example_input, _InputTracer, stack=True)
+    tracer = trace(model, example_input, _InputTracer, input_arg=input_arg, stack=True)
     found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
-                      tracer.example)
+                      tracer.call)
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
             found.problems.append(f"layer '{layer.name}' reads the input and also other tensors: widening it "
@@ -279,15 +278,19 @@ def discover(model: nn.Module, example_input: Tensor | None = None) -> Discovery
     return found
 
 
-def find_input_layers(model: nn.Module, example_input: Tensor | None = None) -> list[str]:
+def find_input_layers(model: nn.Module, example_input: Example | None = None, *,
+                      input_arg: int | str | None = None) -> list[str]:
     """Qualified names of the layers that read the model input, in forward order.
 
     Args:
         model: any module; ``DataParallel``/DDP/``torch.compile`` wrappers are looked through.
-        example_input: a tensor ``(B, C, ...)`` the model accepts; its shape and dtype
-            are used on the meta device, its values only if the model cannot run on meta.
-            By default ``C`` is taken from the first conv layer and the spatial size from
-            a timm ``pretrained_cfg`` (else 224).
+        example_input: what the model is called with: a tensor ``(B, C, ...)``, a tuple
+            of positional arguments or a dict of keyword arguments. Shapes and dtypes are
+            used on the meta device, values only if the model cannot run on meta. By
+            default one tensor: ``C`` from the first conv layer and the spatial size
+            from a timm ``pretrained_cfg`` (else 224).
+        input_arg: which argument is the input, by position or keyword; default the
+            first tensor argument.
 
     Returns:
         Names as in ``model.named_modules()`` of the unwrapped model.
@@ -309,7 +312,7 @@ def find_input_layers(model: nn.Module, example_input: Tensor | None = None) -> 
         >>> find_input_layers(TwoBranch())
         ['a', 'b']
     """
-    found = discover(model, example_input)
+    found = discover(model, example_input, input_arg)
     found.raise_problems()
     return [layer.name for layer in found.layers]
 

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from . import _surgery as surgery
+from ._call import Example, as_call
 from ._discovery import Discovery, InputLayer, discover
 from ._errors import InflateError, TraceError
-from ._timm_config import update_pretrained_cfg
+from ._configs import update_configs
 from ._tracer import Plan, unwrap
 from ._verify import verify
 from .rules import RULES, Init, KernelLayout
@@ -18,7 +19,7 @@ __all__ = ["inflate_first_conv"]
 
 
 def _validate(num_inputs: object, init: object, scale: object, channels: object, input_layers: object,
-              example_input: object) -> None:
+              example_input: object, input_arg: object) -> None:
     if not isinstance(num_inputs, int) or isinstance(num_inputs, bool) or num_inputs < 1:
         raise InflateError(f"num_inputs: expected an int >= 1, got {num_inputs!r}")
     if not callable(init) and init not in RULES:
@@ -36,8 +37,8 @@ def _validate(num_inputs: object, init: object, scale: object, channels: object,
     if input_layers is not None and (isinstance(input_layers, str) or not isinstance(input_layers, Sequence)
                                      or not input_layers or not all(isinstance(n, str) for n in input_layers)):
         raise InflateError(f"input_layers: expected a non-empty sequence of layer names, got {input_layers!r}")
-    if example_input is not None and not isinstance(example_input, Tensor):
-        raise InflateError(f"example_input: expected a Tensor, got {type(example_input).__name__}")
+    if example_input is not None:
+        as_call(example_input, input_arg)
 
 
 def _declared_layers(model: nn.Module, names: Sequence[str]) -> list[InputLayer]:
@@ -63,10 +64,11 @@ def _declared_layers(model: nn.Module, names: Sequence[str]) -> list[InputLayer]
 
 
 def _input_layers(model: nn.Module, names: Sequence[str] | None,
-                  example_input: Tensor | None) -> tuple[list[InputLayer], Discovery | None]:
+                  example_input: Example | None, input_arg: int | str | None) -> tuple[list[InputLayer],
+                                                                                       Discovery | None]:
     """The layers to widen, and the discovery that found them (None: named by the user)."""
     try:
-        found = discover(model, example_input)
+        found = discover(model, example_input, input_arg)
     except TraceError:
         if names is None:
             raise
@@ -88,7 +90,8 @@ def inflate_first_conv(
     scale: bool = True,
     channels: Sequence[int] | None = None,
     input_layers: Sequence[str] | None = None,
-    example_input: Tensor | None = None,
+    example_input: Example | None = None,
+    input_arg: int | str | None = None,
 ) -> nn.Module:
     """Widen the layer(s) that read the input so the model takes ``num_inputs`` inputs.
 
@@ -129,9 +132,13 @@ def inflate_first_conv(
             they must equal the discovered ones (a check); if it cannot
             (:class:`~inflate.TraceError`), these layers are widened as plain
             conv/linear layers, unverified: exactness is then your responsibility.
-        example_input: a tensor ``(B, C, ...)`` the model accepts. Its shape and dtype
-            are used on the meta device; its values only if the model cannot run on meta
-            (then it runs once for real, followed the same way).
+        example_input: what the model is called with: a tensor ``(B, C, ...)``, a tuple
+            of positional arguments or a dict of keyword arguments (as
+            :func:`torch.export.export` takes them). Shapes and dtypes are used on the
+            meta device; values only if the model cannot run on meta (then it runs once
+            for real, followed the same way).
+        input_arg: which argument of ``example_input`` is the input to inflate, by
+            position or keyword; default the first tensor argument.
 
     Returns:
         ``model`` itself, changed in place.
@@ -162,9 +169,9 @@ def inflate_first_conv(
         >>> torch.allclose(net(torch.cat([x1, x2], dim=1)), before, atol=1e-6)
         True
     """
-    _validate(num_inputs, init, scale, channels, input_layers, example_input)
+    _validate(num_inputs, init, scale, channels, input_layers, example_input, input_arg)
     target = unwrap(model)
-    layers, found = _input_layers(target, input_layers, example_input)
+    layers, found = _input_layers(target, input_layers, example_input, input_arg)
     c = layers[0].channels
     counts = tuple(channels) if channels is not None else (c,) * num_inputs
     changes = surgery.plan(target, layers, counts, init, scale)
@@ -172,5 +179,5 @@ def inflate_first_conv(
         verify(target, found, Plan({id(getattr(ch.module, ch.attr)): ch.weight for ch in changes},
                                    {id(ch.module): ch.attrs for ch in changes}), counts)
     surgery.apply(changes)
-    update_pretrained_cfg(target, counts)
+    update_configs(target, counts)
     return model

@@ -20,8 +20,9 @@ operation the table does not know gives a :class:`Lost` tag with
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -200,7 +201,15 @@ def tensors(tree: Any) -> list[Tensor]:
         return found
     if kind is dict:
         return tensors(list(tree.values()))
-    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    leaves = torch.utils._pytree.tree_leaves(tree)
+    if len(leaves) != 1 or leaves[0] is not tree:
+        return [t for t in leaves if isinstance(t, Tensor)]
+    # a container pytree does not know: model outputs such as diffusers' BaseOutput
+    if isinstance(tree, Mapping):
+        return tensors(list(tree.values()))
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return tensors([getattr(tree, f.name) for f in dataclasses.fields(tree)])
+    return []
 
 
 def atoms(tree: Any) -> list[Any]:

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ._call import Call, Example, as_call
+from ._configs import config_calls
 from ._errors import InflateError, TraceError
 
 __all__ = ["Tracer", "Plan", "Stop", "trace", "unwrap", "default_example_inputs", "label"]
@@ -59,6 +61,7 @@ class Tracer(TorchFunctionMode):
         self.stack: list[str] = []  # labels of the modules being called, innermost last
         self.failed_in: list[str] | None = None  # the stack where the model raised, if it did
         self.snapshots: Snapshots = []  # module __dict__s as the call began, and their copies
+        self.call: Call | None = None  # the call as it ran (meta or real arguments)
 
     def enter(self, module: nn.Module, args: Any) -> None:
         """Called as a module's forward begins (with ``stack=True``)."""
@@ -148,6 +151,14 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def default_example_calls(model: nn.Module) -> list[Call]:
+    """Example calls to try in order: those a known config describes (a diffusers UNet),
+    else one tensor of each plausible input shape (:func:`default_example_inputs`)."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
+    known = config_calls(model, first.weight.dtype) if first is not None else []
+    return known or [Call((x,)) for x in default_example_inputs(model)]
 
 
 def default_example_inputs(model: nn.Module) -> list[Tensor]:
@@ -248,19 +259,20 @@ class Plan:
     attrs: dict[int, dict[str, Any]] = field(default_factory=dict)  # id(module) -> attributes
 
 
-def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], x: Tensor, meta: bool,
+def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], call: Call, meta: bool,
          factory: Callable[[Owners, dict[int, str]], T], stack: bool, plan: Plan) -> T:
-    if x.ndim < 2:
-        raise InflateError(f"example_input: expected shape (B, C, ...), got {tuple(x.shape)}")
-    x = _meta_like(x) if meta else x.detach()
+    if call.input.ndim < 2:
+        raise InflateError(f"example_input: expected the input of shape (B, C, ...), got {tuple(call.input.shape)}")
+    call = call.map(_meta_like if meta else Tensor.detach)
     swaps, owners = _twins(walk, meta, plan.weights)
     tracer = factory(owners, {id(m): n for n, m in walk})
-    tracer.start(x)
+    tracer.call = call
+    tracer.start(call.input)
     with torch.no_grad(), _swapped(swaps, plan.attrs) as tracer.snapshots, \
             _module_stack(tracer) if stack else nullcontext():
         try:
             with tracer:
-                out = model(x)
+                out = call(model)
         except Stop:
             return tracer
         except Exception as error:
@@ -270,8 +282,9 @@ def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], x: Tensor, meta: b
     return tracer
 
 
-def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Owners, dict[int, str]], T],
-          *, stack: bool = False, meta: bool | None = None, plan: Plan | None = None) -> T:
+def trace(model: nn.Module, example_input: Example | Call | None, factory: Callable[[Owners, dict[int, str]], T],
+          *, input_arg: int | str | None = None, stack: bool = False, meta: bool | None = None,
+          plan: Plan | None = None) -> T:
     """Run ``model`` once under the tracer that ``factory(owners, modules)`` builds.
 
     ``stack=True`` keeps ``tracer.stack``, the labels of the modules being called, up
@@ -290,27 +303,31 @@ def trace(model: nn.Module, example_input: Tensor | None, factory: Callable[[Own
         raise TraceError(f"lazy module '{lazy[0]}': expected initialized parameters, found uninitialized "
                          "ones; run one forward pass first")
     plan = plan or Plan()
-    examples = default_example_inputs(model) if example_input is None else [example_input]
+    if example_input is None:
+        examples = default_example_calls(model)
+    else:
+        examples = [as_call(example_input, input_arg)]
     for attempt, example in enumerate(examples, 1):
+        shape = tuple(example.input.shape)
         if meta is not False:
             try:
                 return _run(model, walk, example, True, factory, stack, plan)
             except InflateError:
                 raise
             except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
-                if meta or example.is_meta:
+                if meta or example.input.is_meta:
                     if attempt < len(examples):
                         continue
                     given = example_input is not None
                     raise _failure(f"the model could not run on {'example_input' if given else 'an example input'} "
-                                   f"of shape {tuple(example.shape)} on the meta device", meta_error,
+                                   f"of shape {shape} on the meta device", meta_error,
                                    "" if given else "; pass example_input")
         try:
             return _run(model, walk, example, False, factory, stack, plan)
         except InflateError:
             raise
         except Exception as error:
-            raise _failure(f"the model could not run on example_input of shape {tuple(example.shape)}", error, "")
+            raise _failure(f"the model could not run on example_input of shape {shape}", error, "")
     raise AssertionError("unreachable")
 
 

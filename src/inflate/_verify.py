@@ -132,16 +132,16 @@ def verify(model: nn.Module, found: Discovery, plan: Plan, counts: Sequence[int]
         InexactError: the inflated model would fail on its new input (naming the module
             and quoting the model's own message), or would compute differently.
     """
-    assert found.example is not None
-    c, total = found.example.shape[1], sum(counts)
+    assert found.call is not None
+    c, total = found.call.input.shape[1], sum(counts)
     stop_at = found.replay_until
 
     def factory(owners: Owners, modules: dict[int, str]) -> _Replay:
         return _Replay(owners, modules, found.steps, c, total, stop_at)
 
-    x = _wide_input(found.example, counts)
+    x = _wide_input(found.call.input, counts)
     try:
-        replay = trace(model, x, factory, stack=True, meta=x.is_meta, plan=plan)
+        replay = trace(model, found.call.with_input(x), factory, stack=True, meta=x.is_meta, plan=plan)
     except TraceError as error:
         cause = error.__cause__
         message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
