@@ -54,7 +54,7 @@ def test_space_to_depth_stems_are_followed(unshuffle, outer, inner):
     [
         (nn.Sequential(models.StdConv(3, 4, 3)), r"layer '0' \(StdConv\) computes its conv2d weight during forward"),
         (models.Normalized(), r"per-channel operand of shape \(1, 3, 1, 1\)"),
-        (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)), r"reads the input only after batch_norm"),
+        (nn.Sequential(nn.GroupNorm(1, 3), nn.Conv2d(3, 4, 1)), r"reads the input only after group_norm"),
         (models.Shared(), r"layer 'conv' reads the input and also other tensors"),
         (models.InputSkip(), r"cat of the input with other tensors"),
         (models.PatchLinear(norm=True), r"after layer_norm"),

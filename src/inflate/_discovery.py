@@ -16,6 +16,7 @@ can replay the inflated model against it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,6 +73,22 @@ class Step:
     where: str
 
 
+@dataclass(frozen=True)
+class PerChannelOperand:
+    """A parameter or buffer that an operation applies to the input channel by channel
+    (a normaliser's mean and std, a batch norm's statistics and affine): widened per input.
+
+    Attributes:
+        name: qualified name of the module that holds it.
+        attr: its attribute name there.
+        axis: its axis that runs over the input channels.
+    """
+
+    name: str
+    attr: str
+    axis: int
+
+
 @dataclass
 class Discovery:
     """What one traced forward pass found, and what it saw on the way."""
@@ -81,6 +98,7 @@ class Discovery:
     steps: list[Step] = field(default_factory=list)
     replay_until: int | None = None  # index in ``steps`` after which nothing depends on C (None: the end)
     call: Call | None = None  # the call the trace ran (meta, or the real example)
+    operands: list[PerChannelOperand] = field(default_factory=list)
 
     def raise_problems(self) -> None:
         """Raise :class:`InexactError` listing every problem, if there are any."""
@@ -110,6 +128,9 @@ class _InputTracer(Tracer):
         self.read_depths: set[int] = set()  # stack depths of module calls that read a size of the input
         self.contained = True  # every such call returned tensors only and set no attribute
         self.resume = 0  # steps recorded when the last such call returned
+        self.derived: dict[int, tuple[Tensor, Tensor]] = {}  # views of parameters and buffers -> their root
+        self.operands: dict[int, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root
+        self.plain_uses: set[int] = set()  # roots read by operations that do not involve the input
 
     def start(self, x: Tensor) -> None:
         self.channels = int(x.shape[1])
@@ -161,9 +182,19 @@ class _InputTracer(Tracer):
         kind = op.kind if op is not None else None
         if tagged and kind not in ("size", "meta", "escape") and kind not in ops.CONSUMERS:
             self._follow(op, func, args, kwargs, out, operands)
+        self._lineage(kind, operands, tagged, out)
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
-                               [(tuple(t.shape), self.tag(t)) for t in ops.tensors(out)], kind, widened,
+                               [(tuple(t.shape), self._tag_or_root(t)) for t in ops.tensors(out)], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
+
+    def _tag_or_root(self, t: Tensor) -> Tag | int | None:
+        """What the replay needs of an output: its tag, else the id of the parameter or buffer
+        it is a view of (its shape changes if that one is widened per input)."""
+        tag = self.tag(t)
+        if tag is not None:
+            return tag
+        root = self._root(t)
+        return id(root) if root is not None else None
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         """A module call that read a size of the input has returned: the size stayed inside it
@@ -183,6 +214,42 @@ class _InputTracer(Tracer):
             return None
         return max(self.last_layer, self.resume - 1)
 
+    def _root(self, t: Tensor) -> Tensor | None:
+        """The parameter or buffer stand-in ``t`` is, or is a view or cast of."""
+        if id(t) in self.owners or id(t) in self.buffer_owners:
+            return t
+        entry = self.derived.get(id(t))
+        return entry[1] if entry is not None and entry[0] is t else None
+
+    def _lineage(self, kind: str | None, operands: list[Tensor], tagged: bool, out: Any) -> None:
+        """Views, casts and elementwise functions of one parameter or buffer stay its views;
+        any other operation that reads one without the input is a plain use."""
+        roots = [r for r in map(self._root, operands) if r is not None]
+        if not roots:
+            return
+        src = operands[0]
+        results = ops.tensors(out)
+        if kind in _LINEAGE and len(results) == 1 and self._root(src) is not None and (
+                kind in ("dtype", "data") or not tagged and all(t is src or t.numel() == 1 for t in operands)):
+            self.derived[id(results[0])] = (results[0], self._root(src))
+            return
+        if not tagged:
+            self.plain_uses.update(id(r) for r in roots)
+
+    def _per_channel(self, t: Tensor, axis: int) -> bool:
+        """Accept (and record) ``t`` as a per-channel operand of the input if it is a
+        parameter or buffer, or a view of one, with exactly one axis of length ``C``."""
+        root = self._root(t)
+        if root is None:
+            return False
+        axes = [d for d, size in enumerate(root.shape) if size == self.channels]
+        entries = self.owners.get(id(root)) or self.buffer_owners.get(id(root)) or []
+        if len(axes) != 1 or len(entries) != 1:
+            return False
+        name, attr = entries[0]
+        self.operands.setdefault(id(root), (root, PerChannelOperand(name, attr, axes[0])))
+        return True
+
     def _follow(self, op: ops.Op | None, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any,
                 operands: list[Tensor]) -> None:
         name = op.name if op is not None else ops.name_of(func)
@@ -191,7 +258,7 @@ class _InputTracer(Tracer):
             tag = ops.setitem_tag(args[0], args[1], args[2], self.tag)
         else:
             before = {self.tag(t) for t in operands}
-            tag = ops.propagate(op, func, args, kwargs, out, self.tag, self.channels)
+            tag = ops.propagate(op, func, args, kwargs, out, self.tag, self.channels, self._per_channel)
             if isinstance(tag, Lost) and tag not in before:  # lost here: say where
                 tag = Lost(tag.why + self.where(), tag.unknown)
             results = ops.tensors(out)
@@ -252,6 +319,9 @@ class _InputTracer(Tracer):
         return True
 
 
+_LINEAGE = ("reshape", "permute", "index", "expand", "dtype", "data", "pointwise")
+
+
 def _only_tensors(tree: Any) -> bool:
     """Tensors, None or tuples of them: nothing that can carry a Python number out, or be written into."""
     if tree is None or isinstance(tree, Tensor):
@@ -268,7 +338,17 @@ def discover(model: nn.Module, example_input: Example | None = None, input_arg: 
     model = unwrap(model)
     tracer = trace(model, example_input, _InputTracer, input_arg=input_arg, stack=True)
     found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
-                      tracer.call)
+                      tracer.call, [operand for _, operand in tracer.operands.values()])
+    widened = set(tracer.operands)  # views of widened operands: their shapes are the replay's to find out
+    for i, step in enumerate(found.steps):
+        if any(isinstance(mark, int) for _, mark in step.outs):
+            outs = [(shape, Lost("a view of a per-channel operand") if mark in widened else None)
+                    if isinstance(mark, int) else (shape, mark) for shape, mark in step.outs]
+            found.steps[i] = dataclasses.replace(step, outs=outs)
+    for key, (_, operand) in tracer.operands.items():
+        if key in tracer.plain_uses:
+            found.problems.append(f"'{operand.name}.{operand.attr}' is applied to the input channel by channel and "
+                                  "also read by other operations: widening it per input would break those")
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
             found.problems.append(f"layer '{layer.name}' reads the input and also other tensors: widening it "

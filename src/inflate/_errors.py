@@ -50,10 +50,10 @@ class InexactError(InflateError):
     Example:
         >>> import torch, torch.nn as nn
         >>> from inflate import InexactError, find_input_layers
-        >>> net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 1))
+        >>> net = nn.Sequential(nn.GroupNorm(1, 3), nn.Conv2d(3, 8, 1))
         >>> try:
         ...     find_input_layers(net)
         ... except InexactError as err:
         ...     print(str(err).splitlines()[1][:60])
-          - layer '1' (Conv2d) reads the input only after batch_norm
+          - layer '1' (Conv2d) reads the input only after group_norm
     """

@@ -176,6 +176,7 @@ def inflate_first_conv(
     counts = tuple(channels) if channels is not None else (c,) * num_inputs
     changes = surgery.plan(target, layers, counts, init, scale)
     if found is not None:
+        changes += [surgery.plan_operand(target, operand, counts) for operand in found.operands]
         verify(target, found, Plan({id(getattr(ch.module, ch.attr)): ch.weight for ch in changes},
                                    {id(ch.module): ch.attrs for ch in changes}), counts)
     surgery.apply(changes)

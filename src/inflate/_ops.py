@@ -60,6 +60,9 @@ class Lost:
 
 Tag = Union[Channels, Lost]
 Lookup = Callable[[Tensor], Union[Tag, None]]
+#: ``per_channel(t, axis)``: whether ``t``, one value per input channel along ``axis``, can be
+#: widened per input (a parameter or buffer of the model, or a view of one); it records it.
+PerChannel = Callable[[Tensor, int], bool]
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,10 @@ _KINDS: dict[str, str] = {
     "along": "softmax log_softmax cumsum cumprod flip",
     "shuffle": "pixel_shuffle pixel_unshuffle",
     # known to combine the channels of one position (or to be channel-specific)
-    "mixes": """batch_norm instance_norm layer_norm group_norm local_response_norm rms_norm normalize matmul mm
+    # each channel normalised with its own statistics and its own affine: kept, the per-channel
+    # tensors (running statistics, weight, bias) widened per input
+    "channel_norm": "batch_norm instance_norm",
+    "mixes": """layer_norm group_norm local_response_norm rms_norm normalize matmul mm
         bmm einsum baddbmm addmm scaled_dot_product_attention embedding""",
     # weight layers that may read the input
     "conv1d": "conv1d", "conv2d": "conv2d", "conv3d": "conv3d",
@@ -258,7 +264,8 @@ def _source(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     return args[0] if args else kwargs.get("input", kwargs.get("self"))
 
 
-def _pointwise(out: Tensor, operands: list[Tensor], lookup_tag: Lookup, name: str) -> Tag:
+def _pointwise(out: Tensor, operands: list[Tensor], lookup_tag: Lookup, name: str,
+               per_channel: PerChannel | None = None) -> Tag:
     tags = {lookup_tag(t) for t in operands} - {None}
     if len(tags) != 1:
         return Lost(f"{name} of tensors whose channel blocks lie differently")
@@ -271,7 +278,10 @@ def _pointwise(out: Tensor, operands: list[Tensor], lookup_tag: Lookup, name: st
     for t in operands:
         if lookup_tag(t) is None:
             aligned = dim - (out.ndim - t.ndim)
-            if aligned >= 0 and t.shape[aligned] != 1:
+            if aligned < 0 or t.shape[aligned] == 1:
+                continue
+            if not (per_channel is not None and t.shape[aligned] == src.shape[tag.dim] and tag.outer == tag.inner == 1
+                    and per_channel(t, aligned)):
                 return Lost(f"{name} with a per-channel operand of shape {tuple(t.shape)}")
     return Channels(dim, tag.outer, tag.inner)
 
@@ -341,7 +351,7 @@ def _dims(value: Any, ndim: int) -> set[int] | None:
 
 
 def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], out: Any,
-              lookup_tag: Lookup, channels: int) -> Tag | None:
+              lookup_tag: Lookup, channels: int, per_channel: PerChannel | None = None) -> Tag | None:
     """Tag for the tensors in ``out`` of an op that read at least one tagged tensor (None: untagged).
 
     Args:
@@ -352,6 +362,8 @@ def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwar
         out: what it returned.
         lookup_tag: the tag of a tensor, or None.
         channels: ``C``, the channel count of one input.
+        per_channel: accepts (and records) a per-channel operand that can be widened per
+            input; None refuses every per-channel operand.
 
     Returns:
         The tag for every tensor in ``out``.
@@ -374,9 +386,11 @@ def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwar
         return lost[0]
     results = tensors(out)
     if kind == "pointwise" and len(results) == 1:
-        return _pointwise(results[0], operands, lookup_tag, name)
+        return _pointwise(results[0], operands, lookup_tag, name, per_channel)
     if kind == "reduce" and len(args) > 1 and isinstance(args[1], Tensor):  # torch.max(x, y)
-        return _pointwise(results[0], operands, lookup_tag, name)
+        return _pointwise(results[0], operands, lookup_tag, name, per_channel)
+    if kind == "channel_norm":
+        return _channel_norm(name, args, kwargs, src, tag, lookup_tag, per_channel)
     if kind == "join":
         return _joined(name, args, kwargs, lookup_tag)
     if kind == "copy" and len(results) == 1:
@@ -431,6 +445,25 @@ def _structural(kind: str, name: str, func: Callable[..., Any], args: Sequence[A
     if kind == "mixes":
         return Lost(name)
     return Lost(f"{name} on the input")
+
+
+_NORM_OPERANDS = ("running_mean", "running_var", "weight", "bias")
+
+
+def _channel_norm(name: str, args: Sequence[Any], kwargs: dict[str, Any], src: Any, tag: Tag | None,
+                  lookup_tag: Lookup, per_channel: PerChannel | None) -> Tag:
+    """``batch_norm``/``instance_norm`` of the input itself: channel-wise when its per-channel
+    tensors can be widened per input (each input gets its own copy)."""
+    if tag != Channels(1) or per_channel is None:
+        return Lost(name)
+    for i, key in enumerate(_NORM_OPERANDS, 1):
+        t = arg(args, kwargs, i, key)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or lookup_tag(t) is not None or t.ndim != 1 or t.shape[0] != src.shape[1] \
+                or not per_channel(t, 0):
+            return Lost(name)
+    return tag
 
 
 def _joined(name: str, args: Sequence[Any], kwargs: dict[str, Any], lookup_tag: Lookup) -> Tag:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._discovery import InputLayer
+from ._discovery import InputLayer, PerChannelOperand
 from ._errors import InflateError
 from .rules import Init, from_canonical, inflate_kernel, to_canonical
 
@@ -23,7 +23,7 @@ class Change:
     name: str
     module: nn.Module
     attr: str
-    weight: nn.Parameter
+    weight: torch.Tensor  # an nn.Parameter where the old one was
     attrs: dict[str, Any]
 
 
@@ -86,6 +86,30 @@ def plan(
         InflateError: a layer cannot be inflated; nothing was changed.
     """
     return [_plan_one(model, layer, channels, init, scale) for layer in layers]
+
+
+def plan_operand(model: nn.Module, operand: PerChannelOperand, channels: Sequence[int]) -> Change:
+    """A per-channel parameter or buffer widened per input: input ``i`` gets its own copy
+    (an input with another channel count than ``C`` gets the mean over the channels, as
+    timm's per-input ``mean``/``std``). A normalization layer's ``num_features`` follows.
+
+    Raises:
+        InflateError: the tensor is not where discovery saw it.
+    """
+    module = model.get_submodule(operand.name)
+    old = getattr(module, operand.attr)
+    if not isinstance(old, torch.Tensor):
+        raise InflateError(f"'{operand.name}.{operand.attr}': expected a tensor, got {type(old).__name__}")
+    c = old.shape[operand.axis]
+    with torch.no_grad():
+        mean = old.mean(operand.axis, keepdim=True) if any(ci != c for ci in channels) else None
+        blocks = [old if ci == c else mean.expand(*old.shape[: operand.axis], ci, *old.shape[operand.axis + 1 :])
+                  for ci in channels]
+        new = torch.cat([b.detach() for b in blocks], dim=operand.axis)
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    attrs = {"num_features": new.shape[operand.axis]} if isinstance(module, nn.modules.batchnorm._NormBase) else {}
+    return Change(operand.name, module, operand.attr, new, attrs)
 
 
 def apply(changes: Sequence[Change]) -> None:

@@ -62,6 +62,7 @@ class Tracer(TorchFunctionMode):
         self.failed_in: list[str] | None = None  # the stack where the model raised, if it did
         self.snapshots: Snapshots = []  # module __dict__s as the call began, and their copies
         self.call: Call | None = None  # the call as it ran (meta or real arguments)
+        self.buffer_owners: Owners = {}  # id(buffer stand-in) -> [(module name, attribute)]
 
     def enter(self, module: nn.Module, args: Any) -> None:
         """Called as a module's forward begins (with ``stack=True``)."""
@@ -191,34 +192,34 @@ def _meta_like(t: Tensor) -> Tensor:
 
 
 def _twins(walk: list[tuple[str, nn.Module]], meta: bool,
-           replace: dict[int, Tensor]) -> tuple[list[Swap], Owners]:
+           replace: dict[int, Tensor]) -> tuple[list[Swap], Owners, Owners]:
     """For every module, parameter and buffer dicts holding stand-ins: meta twins, or
     (real run) the parameters themselves and clones of the buffers. A tensor shared
-    by several modules gets one stand-in. ``replace`` maps ``id(parameter)`` to the
-    tensor that stands in for it instead (a planned, widened weight)."""
+    by several modules gets one stand-in. ``replace`` maps ``id(parameter or buffer)``
+    to the tensor that stands in for it instead (a planned, widened one). Returns the
+    swaps and the owners of each parameter stand-in and of each buffer stand-in."""
     twins: dict[int, Tensor] = {}
     owners: Owners = {}
+    buffer_owners: Owners = {}
     swaps: dict[int, Swap] = {}
     for mod_name, module in walk:
-        for attr, p in module._parameters.items():
-            if p is None:
-                continue
-            twin = twins.get(id(p))
-            if twin is None:
-                twin = replace.get(id(p), p)
-                twin = twins[id(p)] = _meta_like(twin) if meta else twin
-                owners[id(twin)] = []
-            entry = owners[id(twin)]
-            if not entry or entry[-1][0] != mod_name:  # a module's own entries are consecutive
-                entry.append((mod_name, attr))
-        if id(module) in swaps:
-            continue
-        for b in module._buffers.values():
-            if b is not None and id(b) not in twins:
-                twins[id(b)] = _meta_like(b) if meta else b.clone()
-        swaps[id(module)] = (module, {a: None if p is None else twins[id(p)] for a, p in module._parameters.items()},
-                             {a: None if b is None else twins[id(b)] for a, b in module._buffers.items()})
-    return list(swaps.values()), owners
+        for table, found, fresh in ((module._parameters, owners, False), (module._buffers, buffer_owners, True)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                twin = twins.get(id(t))
+                if twin is None:
+                    twin = replace.get(id(t), t)
+                    twin = twins[id(t)] = _meta_like(twin) if meta else twin.clone() if fresh else twin
+                    found[id(twin)] = []
+                entry = found[id(twin)]
+                if not entry or entry[-1][0] != mod_name:  # a module's own entries are consecutive
+                    entry.append((mod_name, attr))
+        if id(module) not in swaps:
+            swaps[id(module)] = (module,
+                                 {a: None if p is None else twins[id(p)] for a, p in module._parameters.items()},
+                                 {a: None if b is None else twins[id(b)] for a, b in module._buffers.items()})
+    return list(swaps.values()), owners, buffer_owners
 
 
 @contextmanager
@@ -264,8 +265,9 @@ def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], call: Call, meta: 
     if call.input.ndim < 2:
         raise InflateError(f"example_input: expected the input of shape (B, C, ...), got {tuple(call.input.shape)}")
     call = call.map(_meta_like if meta else Tensor.detach)
-    swaps, owners = _twins(walk, meta, plan.weights)
+    swaps, owners, buffer_owners = _twins(walk, meta, plan.weights)
     tracer = factory(owners, {id(m): n for n, m in walk})
+    tracer.buffer_owners = buffer_owners
     tracer.call = call
     tracer.start(call.input)
     with torch.no_grad(), _swapped(swaps, plan.attrs) as tracer.snapshots, \
