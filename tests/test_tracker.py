@@ -74,6 +74,12 @@ def _explicit_stop(self, x):
     return x[:, :3]
 
 
+def _explicit_write(self, x):  # a write sized for C: only the first input's channels on N*C
+    x = x.clone()
+    x[:, :3] = 0.5
+    return x
+
+
 def _fixed_view(self, x):  # a constant 3 that the inflated input no longer fits
     return x.reshape(x.shape[0], 3, -1).reshape(x.shape[0], 3, x.shape[2], x.shape[3])
 
@@ -97,7 +103,9 @@ REFUSED = {
     "in-place write through a channel view": (_inplace_view, r"in-place mul on a view of the input"),
     "index_put_": (_index_put, r"Tensor.index_put_, an operation inflate does not know"),
     "x / x.shape[1]": (_channel_count, r"gets 3 on the original model and 6 on the inflated one"),
-    "x[:, :3]": (_explicit_stop, r"indexing into the channel axis"),
+    "x[:, :3]": (_explicit_stop, r"Tensor.__getitem__ in '<root>' \(Net\) gives shapes \[\(2, 3, 8, 8\)\] on the "
+                                 r"inflated model, expected \[\(2, 6, 8, 8\)\]"),
+    "x[:, :3] = 0": (_explicit_write, r"__setitem__ into some channels of the input"),
     "constant reshape": (_fixed_view, r"Tensor.reshape in '<root>' \(Net\) gives shapes \[\(2, 3, 128\)\] on the "
                                       r"inflated model, expected \[\(2, 6, 64\)\]"),
     "the model's own channel check": (_rgb_only, r"the inflated model cannot read its new input of shape \(2, 6, 8, 8\): "
@@ -177,7 +185,11 @@ def _weight_branch(self, x):  # a decision on weights, not on the input: real ru
     return x * 2 if self.conv.weight.sum().item() > -1e9 else x
 
 
-ACCEPTED = {"unpacked shape": _unpack_shape, "spatial in-place": _spatial_inplace,
+def _slice_by_count(self, x):  # a slice sized by the channel count takes every channel of N*C too
+    return x[:, : x.shape[1]] * 2
+
+
+ACCEPTED = {"unpacked shape": _unpack_shape, "slice by channel count": _slice_by_count, "spatial in-place": _spatial_inplace,
             "reshape by channel count": _view_by_count, "keyword transpose": _keyword_transpose,
             "branch on a weight": _weight_branch}
 

@@ -314,11 +314,13 @@ def _whole(s: slice) -> bool:
     return s.start in (None, 0) and s.stop is None and s.step in (None, 1)
 
 
-def getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
+def getitem_dim(src: Tensor, index: Any, tag: Channels, strict: bool = False) -> int | None:
     """Output axis of the channel axis after ``src[index]``, or None if it is cut.
 
-    Only an index that keeps the whole axis at any length keeps it: ``x[:, :3]`` on a
-    3-channel input is cut, since it would still take 3 channels of the inflated one.
+    A slice that takes every channel keeps the axis: ``x[:, :x.shape[1]]`` does on the
+    inflated input too, ``x[:, :3]`` does not, which the replay of the inflated model finds
+    (the slice is 3 channels wide there). ``strict`` keeps only a slice that takes the whole
+    axis at any length (``x[:, :]``), for writes, whose outputs the replay cannot see.
     """
     items = index if isinstance(index, tuple) else (index,)
     if any(not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool) for i in items):
@@ -338,7 +340,8 @@ def getitem_dim(src: Tensor, index: Any, tag: Channels) -> int | None:
             d_in += 1
         else:
             if d_in == tag.dim:
-                return d_out if _whole(item) else None
+                size = src.shape[d_in]
+                return d_out if _whole(item) or not strict and range(size)[item] == range(size) else None
             d_in, d_out = d_in + 1, d_out + 1
     return d_out + tag.dim - d_in
 
@@ -508,7 +511,7 @@ def setitem_tag(target: Tensor, index: Any, value: Any, lookup_tag: Lookup) -> T
         return value_tag
     if tag is None:
         return Lost("__setitem__ of the input into another tensor")
-    dim = getitem_dim(target, index, tag)
+    dim = getitem_dim(target, index, tag, strict=True)
     if dim is None:
         return Lost("__setitem__ into some channels of the input")
     if not isinstance(value, Tensor):

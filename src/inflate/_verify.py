@@ -9,8 +9,9 @@ discovery recorded at the same position:
 
 * the same function;
 * the same non-tensor arguments (``x / x.shape[1]`` divides by ``C`` in one and by
-  ``N*C`` in the other: refused), except a size given to a reshape or expand whose
-  output holds the channel block, which may scale from ``C`` to ``N*C``;
+  ``N*C`` in the other: refused), except a size given to a reshape, an expand or a
+  slice whose output holds the channel block, which may scale from ``C`` to ``N*C``
+  (``x[:, :x.shape[1]]``);
 * outputs of the expected shapes: a tensor that holds the channel block has it
   ``N*C`` wide, every other tensor the very same shape.
 
@@ -38,7 +39,7 @@ from ._tracer import Owners, Plan, Stop, Tracer, trace
 
 __all__ = ["verify"]
 
-_SIZES = ("reshape", "expand")  # kinds whose sizes may follow the channel count
+_SIZES = ("reshape", "expand", "index")  # kinds whose sizes may follow the channel count
 
 
 class _Replay(Tracer):
