@@ -139,3 +139,14 @@ def test_a_unet_that_uses_the_channel_count_is_still_refused():
     with pytest.raises(InexactError, match=r"gets 4 on the original model and 8 on the inflated one"):
         inflate_first_conv(unet, 2)
     assert conv_in.in_channels == 4 and unet.config.in_channels == 4
+
+
+@pytest.mark.parametrize(("name", "in_chans"), [("resnet18", 1), ("resnet18", 4), ("vit_tiny_patch16_224", 13)])
+def test_any_source_channel_count_inflates_exactly(name, in_chans):
+    """Pretrained on 1 (grayscale), 4 (RGB-NIR) or 13 channels (Sentinel-2 style)."""
+    timm = pytest.importorskip("timm")
+    from .zoo import check
+
+    kwargs = {"img_size": 32} if name.startswith("vit") else {}
+    diffs = check(timm.create_model(name, in_chans=in_chans, **kwargs), (in_chans, 32, 32))
+    assert diffs["zero"] <= diffs["output_rtol"] and diffs["repeat"] <= diffs["output_rtol"], diffs
