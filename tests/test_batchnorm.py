@@ -83,14 +83,37 @@ def test_pinned_models_deepcopy_and_pickle():
     torch.save(net, buffer)
 
 
-def test_small_batch_guard():
+_ONE_SAMPLE = (r"batch norm '1' \(BatchNorm2d\) pinned to train mode: expected a batch of at least 2 samples, "
+               r"got 1 \(shape \(1, 4, 3, 3\)\); each channel would be normalized over the 9 spatial position\(s\) "
+               r"of that one sample only")
+
+
+@pytest.mark.parametrize("action", ["raise", "warn"])
+def test_a_batch_of_one_sample_normalized_over_its_positions_is_caught(action):
     net = _net()
-    with pin_batchnorm(net, "train", small_batch="raise"):
-        with pytest.raises(InflateError, match=r"expected a batch of at least 2 samples .* got shape \(1, 4, 3, 3\)"):
-            net(torch.randn(1, 3, 3, 3))
-        net(torch.randn(2, 3, 3, 3))  # control: a real batch passes
+    one = torch.randn(1, 3, 3, 3)
+    net.train()(one)  # PyTorch accepts it: 9 values per channel, all from one sample
+    with pin_batchnorm(net, "train", small_batch=action):
+        if action == "raise":
+            before = net[1].num_batches_tracked.item()
+            with pytest.raises(InflateError, match=_ONE_SAMPLE):
+                net(one)
+            assert net[1].num_batches_tracked.item() == before  # refused before the statistics moved
+        else:
+            with pytest.warns(UserWarning, match=_ONE_SAMPLE):
+                net(one)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            net(torch.randn(2, 3, 3, 3))  # control: a batch of two passes silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.train()(one)  # control: without the pin nothing is guarded
+
+
+def test_a_single_value_per_channel_is_caught_before_pytorch_raises():
+    net = _net()
     with pin_batchnorm(net, "train", small_batch="warn", min_batch=1):
-        with pytest.warns(UserWarning, match="1 value\\(s\\) per channel"):
+        with pytest.warns(UserWarning, match=r"expected more than 1 value per channel, got shape \(1, 4, 1, 1\)"):
             with pytest.raises(ValueError):  # PyTorch itself cannot normalize one value
                 net(torch.randn(1, 3, 1, 1))
         with warnings.catch_warnings():
@@ -98,6 +121,16 @@ def test_small_batch_guard():
             net(torch.randn(1, 3, 3, 3))  # min_batch=1: a single image is accepted
     with pin_batchnorm(net, "eval", small_batch="raise"):
         net(torch.randn(1, 3, 1, 1))  # eval mode uses running statistics: nothing to guard
+
+
+def test_a_trace_on_the_meta_device_is_not_guarded():
+    from inflate import layers
+
+    net = _net()
+    with pin_batchnorm(net, "train", small_batch="raise"):
+        assert layers(net, torch.zeros(1, 3, 3, 3)) == ["0", "3"]  # traced on meta: no statistics computed
+        with pytest.raises(InflateError):
+            net(torch.zeros(1, 3, 3, 3))  # control: the same input for real is refused
 
 
 @pytest.mark.parametrize(

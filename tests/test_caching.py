@@ -92,7 +92,7 @@ def test_features_are_where_expected():
 )
 def test_refusals(setup, message):
     model = EncoderDecoder().eval()
-    finetune(model, "last", example_input=torch.zeros(1, 3, 8, 8))
+    finetune(model, "last", example_input=torch.zeros(1, 3, 8, 8), freeze_batchnorm=setup != "train-bn")
     if setup == "train-bn":
         model.train()
     elif setup == "dropout":
@@ -114,3 +114,84 @@ def test_refusals(setup, message):
         model = Branchy()
     with pytest.raises(InflateError, match=message):
         split_frozen(model)
+
+
+def test_frozen_batch_norms_pinned_by_finetune_need_no_further_pin():
+    model = EncoderDecoder().train()
+    finetune(model, "last", example_input=torch.zeros(1, 3, 8, 8))  # pins enc1.1 and enc2.1 to eval
+    split = split_frozen(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(split.tail(*split.prefix(x)), model(x), rtol=0, atol=0)
+    finetune(model, "last", example_input=torch.zeros(1, 3, 8, 8), freeze_batchnorm=False)
+    with pytest.raises(InflateError, match="is a batch norm in train mode"):
+        split_frozen(model)  # control: without the pins the frozen part is refused
+
+
+class _Sampler(nn.Module):
+    """A conv whose output goes through a Tensor method that ``draw`` names, then the trainable head."""
+
+    def __init__(self, draw):
+        super().__init__()
+        self.draw = draw
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.draw(h.detach().clone()))
+
+
+_RANDOM_IN_PLACE = {
+    "normal_": lambda t: t.normal_(),
+    "bernoulli_": lambda t: t.bernoulli_(0.5),
+    "uniform_": lambda t: t.uniform_(),
+    "exponential_": lambda t: t.exponential_(),
+    "random_": lambda t: t.random_(0, 2),
+    "geometric_": lambda t: t.geometric_(0.5),
+    "cauchy_": lambda t: t.cauchy_(),
+    "log_normal_": lambda t: t.log_normal_(),
+}
+
+
+@pytest.mark.parametrize("method", sorted(_RANDOM_IN_PLACE))
+def test_random_in_place_methods_in_the_frozen_part_are_refused(method):
+    model = _Sampler(_RANDOM_IN_PLACE[method])
+    finetune(model, "last", example_input=torch.zeros(1, 3, 4, 4))
+    a, b = model(torch.ones(1, 3, 4, 4)), model(torch.ones(1, 3, 4, 4))
+    assert not torch.equal(a, b)  # the method really is random: a cache of it would be wrong
+    with pytest.raises(InflateError, match=rf"calls Tensor\.{method}, which is random"):
+        split_frozen(model)
+
+
+@pytest.mark.parametrize(
+    ("draw", "message"),
+    [(lambda t: torch.normal(t, 1.0), "calls normal"), (lambda t: torch.poisson(t.abs()), "calls poisson"),
+     (lambda t: F.rrelu(t, training=True), "calls rrelu with training=True"),
+     (lambda t: t.bernoulli(), "calls Tensor.bernoulli")],
+)
+def test_random_functions_in_the_frozen_part_are_refused(draw, message):
+    model = _Sampler(lambda t: draw(t.sigmoid()))
+    finetune(model, "last", example_input=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(InflateError, match=message):
+        split_frozen(model)
+
+
+def test_deterministic_in_place_methods_and_randomness_in_the_tail_are_accepted():
+    model = _Sampler(lambda t: t.mul_(2).clamp_(0, 1))  # control: in-place, but not random
+    finetune(model, "last", example_input=torch.zeros(1, 3, 4, 4))
+    x = torch.randn(1, 3, 4, 4)
+    split = split_frozen(model)
+    torch.testing.assert_close(split.tail(*split.prefix(x)), model(x), rtol=0, atol=0)
+
+    class NoisyHead(nn.Module):  # control: randomness after the first trainable layer is recomputed anyway
+        def __init__(self):
+            super().__init__()
+            self.stem, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            y = self.head(self.stem(x))
+            return y + y.detach().clone().normal_()
+
+    noisy = NoisyHead()
+    finetune(noisy, "last", example_input=torch.zeros(1, 3, 4, 4))
+    assert split_frozen(noisy).features == ["stem"]

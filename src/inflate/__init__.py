@@ -17,6 +17,8 @@ from ._discovery import find_input_layers
 from ._errors import InexactError, InflateError, TraceError
 from ._finetune import FinetuneReport, check_optimizer, finetune, layers
 from ._inflate import inflate_first_conv
+from ._preprocess import inflate_normalization
+from ._schedule import Unfreezer, param_groups
 from ._spikes import Spike, SpikeMonitor
 
 __all__ = [
@@ -26,14 +28,17 @@ __all__ = [
     "InexactError",
     "InflateError",
     "TraceError",
+    "Unfreezer",
     "Spike",
     "SpikeMonitor",
     "check_optimizer",
     "finetune",
     "find_input_layers",
     "inflate_first_conv",
+    "inflate_normalization",
     "layers",
     "load_checkpoint",
+    "param_groups",
     "pin_batchnorm",
     "save_checkpoint",
     "split_frozen",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -12,11 +13,12 @@ from torch import Tensor, nn
 from ._errors import InflateError
 from ._tracer import unwrap
 
-__all__ = ["BatchNormPin", "pin_batchnorm"]
+__all__ = ["BatchNormPin", "batch_norms", "pin_batchnorm"]
 
 _MODES = ("train", "eval")
 _ACTIONS = ("raise", "warn", "ignore")
 _ATTR = "_inflate_pins"  # the one attribute a pinned batch norm carries: its _PinStack
+_FINETUNE = "finetune"  # the owner of the pins that finetune() makes on frozen batch norms
 
 
 @dataclass(eq=False)  # pins are told apart by identity: two pins with the same settings are two pins
@@ -27,6 +29,7 @@ class _Pin:
     small_batch: str
     min_batch: int
     name: str
+    owner: str = "pin_batchnorm"  # who made it: finetune() replaces only its own pins
 
 
 class _PinStack:
@@ -53,17 +56,39 @@ def _enforce(module: nn.Module, args: tuple[Any, ...]) -> None:
     if not pin.training or pin.small_batch == "ignore" or not args or not isinstance(args[0], Tensor):
         return
     x = args[0]
-    values = x.numel() // max(x.shape[1], 1) if x.ndim >= 2 else x.numel()
-    batch = x.shape[0] if x.ndim >= 2 else 1
-    if values > 1 and batch >= pin.min_batch:
+    if x.is_meta:  # a trace on the meta device (layers(), finetune()): no statistics are computed
         return
-    message = (f"batch norm '{pin.name}' ({type(module).__name__}) pinned to train mode: expected a batch of at "
-               f"least {pin.min_batch} samples and more than 1 value per channel, got shape {tuple(x.shape)} "
-               f"({values} value(s) per channel); its batch statistics and running statistics come from "
-               "too few values")
+    message = _too_small(pin, module, x)
+    if message is None:
+        return
     if pin.small_batch == "raise":
         raise InflateError(message)
     warnings.warn(message, UserWarning, stacklevel=2)
+
+
+def _too_small(pin: _Pin, module: nn.Module, x: Tensor) -> str | None:
+    """What is wrong with ``x`` as a batch for batch statistics, or None.
+
+    Two cases: a single value per channel (PyTorch itself raises on it), and fewer than
+    ``min_batch`` samples, which PyTorch accepts: a batch of one sample of shape
+    ``(1, C, H, W)`` is normalized over its own ``H*W`` positions only, as instance norm would.
+    """
+    values = x.numel() // max(x.shape[1], 1) if x.ndim >= 2 else x.numel()
+    batch = x.shape[0] if x.ndim >= 2 else 1
+    where = f"batch norm '{pin.name}' ({type(module).__name__}) pinned to train mode"
+    if values <= 1:
+        return (f"{where}: expected more than 1 value per channel, got shape {tuple(x.shape)} ({values} value(s) "
+                "per channel); batch statistics cannot be computed from it (PyTorch raises a ValueError)")
+    if batch >= pin.min_batch:
+        return None
+    positions = values // batch
+    if batch == 1:
+        source = f"the {positions} spatial position(s) of that one sample only, as instance norm would"
+    else:
+        source = f"{values} values from {batch} samples only"
+    return (f"{where}: expected a batch of at least {pin.min_batch} samples, got {batch} (shape {tuple(x.shape)}); "
+            f"each channel would be normalized over {source}, and the running statistics updated from it "
+            "(min_batch=1 accepts single samples)")
 
 
 def _pinned_train(module: nn.Module, mode: bool = True) -> nn.Module:
@@ -116,14 +141,12 @@ class BatchNormPin:
         modules: the pinned batch norms by name.
     """
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.modules.batchnorm._BatchNorm], mode: str,
-                 small_batch: str, min_batch: int) -> None:
+    def __init__(self, model: nn.Module, mode: str, modules: dict[str, nn.modules.batchnorm._BatchNorm],
+                 pins: dict[str, _Pin]) -> None:
         self.model = model
         self.mode = mode
         self.modules = modules
-        self._pins = {name: _Pin(mode == "train", small_batch, min_batch, name) for name in modules}
-        for name, module in modules.items():
-            _push(module, self._pins[name])
+        self._pins = pins  # placed on the modules already, by pin_batchnorm or _pin_frozen
 
     def remove(self) -> None:
         """Unpin: each batch norm returns to the state before this pin.
@@ -161,8 +184,11 @@ def pin_batchnorm(model: nn.Module, mode: str, *, small_batch: str = "warn", min
     pinned module carries one forward pre-hook and one ``train`` override however many
     pins it has.
 
-    In ``"train"`` mode a guard checks every batch: fewer than ``min_batch`` samples or
-    a single value per channel (``N*H*W == 1``) makes batch statistics meaningless.
+    In ``"train"`` mode a guard checks every batch. PyTorch itself raises only on a
+    single value per channel (``N*H*W == 1``); a batch of one ``(1, C, H, W)`` sample
+    passes there, and each channel is then normalized over that sample's ``H*W``
+    positions alone, as instance norm would. The guard catches both: fewer than
+    ``min_batch`` samples, or a single value per channel.
 
     Args:
         model: the network (wrappers are looked through).
@@ -182,10 +208,10 @@ def pin_batchnorm(model: nn.Module, mode: str, *, small_batch: str = "warn", min
         ...     print(net[1].num_batches_tracked.item())
         0
         >>> pin = pin_batchnorm(net, "train", small_batch="raise")
-        >>> _ = net.eval()(torch.randn(1, 3, 1, 1))
+        >>> _ = net.eval()(torch.randn(1, 3, 2, 2))
         Traceback (most recent call last):
         ...
-        inflate._errors.InflateError: batch norm '1' (BatchNorm2d) pinned to train mode: expected a batch of at least 2 samples and more than 1 value per channel, got shape (1, 4, 1, 1) (1 value(s) per channel); its batch statistics and running statistics come from too few values
+        inflate._errors.InflateError: batch norm '1' (BatchNorm2d) pinned to train mode: expected a batch of at least 2 samples, got 1 (shape (1, 4, 2, 2)); each channel would be normalized over the 4 spatial position(s) of that one sample only, as instance norm would, and the running statistics updated from it (min_batch=1 accepts single samples)
         >>> pin.remove()
         >>> with pin_batchnorm(net, "eval"):
         ...     with pin_batchnorm(net, "train", small_batch="ignore"):
@@ -203,5 +229,43 @@ def pin_batchnorm(model: nn.Module, mode: str, *, small_batch: str = "warn", min
     if not isinstance(min_batch, int) or min_batch < 1:
         raise InflateError(f"min_batch: expected an int >= 1, got {min_batch!r}")
     target = unwrap(model)
-    found = {n: m for n, m in target.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    return BatchNormPin(target, found, mode, small_batch, min_batch)
+    found = batch_norms(target)
+    pins = {name: _Pin(mode == "train", small_batch, min_batch, name) for name in found}
+    for name, module in found.items():
+        _push(module, pins[name])
+    return BatchNormPin(target, mode, found, pins)
+
+
+def batch_norms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The batch norms of ``model`` by name: ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and their subclasses."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _pin_frozen(model: nn.Module, names: Collection[str]) -> BatchNormPin:
+    """Pin the batch norms ``names`` of ``model`` to eval for :func:`inflate.finetune`, once each.
+
+    The pins an earlier call made are replaced: a batch norm not in ``names`` loses its
+    finetune pin, one in ``names`` keeps exactly one, at the place in its stack the old
+    one had (so a pin the user put on top still applies). Handles of the earlier pins no
+    longer remove anything. Pins made by :func:`pin_batchnorm` are not touched.
+    """
+    target = unwrap(model)
+    found = batch_norms(target)
+    unknown = sorted(set(names) - set(found))
+    if unknown:
+        raise InflateError(f"expected names of batch norms of the model, got {unknown}")
+    pins: dict[str, _Pin] = {}
+    for name, module in found.items():
+        stack = module.__dict__.get(_ATTR)
+        earlier = [p for p in stack.pins if p.owner == _FINETUNE] if stack is not None else []
+        if name in names:
+            pins[name] = _Pin(False, "ignore", 1, name, _FINETUNE)
+            if stack is not None and earlier:  # take the place of the first earlier pin
+                stack.pins[next(i for i, p in enumerate(stack.pins) if p is earlier[0])] = pins[name]
+                module.training = stack.pins[-1].training
+                earlier = earlier[1:]
+            else:
+                _push(module, pins[name])
+        for pin in earlier:
+            _pop(module, pin)
+    return BatchNormPin(target, "eval", {n: found[n] for n in pins}, pins)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
+from ._batchnorm import BatchNormPin, _pin_frozen, batch_norms
 from ._errors import InflateError
 from ._tracer import Owners, Tracer, trace, unwrap
 
@@ -150,33 +151,55 @@ def _select(units: list[Layer], policy: Policy) -> list[Layer]:
 
 @dataclass
 class FinetuneReport:
-    """What :func:`finetune` made trainable; ``str()`` is a table."""
+    """What :func:`finetune` made trainable, and which batch norms it pinned; ``str()`` is a table.
+
+    Attributes:
+        rows: every layer as ``(position, name, parameters, trainable)``.
+        trainable: the number of trainable parameters.
+        total: the number of parameters.
+        pin: the ``"eval"`` pins on the frozen batch norms (``pin.remove()`` lifts them);
+            empty with ``freeze_batchnorm=False``.
+    """
 
     rows: list[tuple[int, str, int, bool]]  # (position, layer, parameters, trainable)
     trainable: int
     total: int
+    pin: BatchNormPin | None = None
 
     @property
     def share(self) -> float:
         """Fraction of all parameters that are trainable."""
         return self.trainable / self.total if self.total else 0.0
 
+    @property
+    def pinned(self) -> list[str]:
+        """Names of the frozen batch norms pinned to eval mode."""
+        return list(self.pin.modules) if self.pin is not None else []
+
     def __str__(self) -> str:
         width = max([len(r[1]) for r in self.rows if r[3]] + [5])
         lines = [f"{'#':>4}  {'layer':<{width}}  {'params':>12}"]
         lines += [f"{pos:>4}  {name:<{width}}  {count:>12,}" for pos, name, count, on in self.rows if on]
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({self.share:.2%})")
+        if self.pinned:
+            lines.append(f"frozen batch norms pinned to eval: {len(self.pinned)}")
         return "\n".join(lines)
 
 
-def finetune(model: nn.Module, policy: Policy, *, example_input: Tensor | None = None) -> FinetuneReport:
-    """Make only the layers named by ``policy`` trainable (``requires_grad``).
+def finetune(model: nn.Module, policy: Policy, *, example_input: Tensor | None = None,
+             freeze_batchnorm: bool = True) -> FinetuneReport:
+    """Make only the layers named by ``policy`` trainable, and keep the rest truly frozen.
 
-    Frozen parameters also lose any ``.grad`` they had, so optimizers with momentum or
-    weight decay cannot move them (they skip parameters whose ``.grad`` is None).
-    Normalization layers follow the layer they are attached to (see :func:`layers`).
-    Frozen batch norms still update running statistics in train mode: pin them with
-    :func:`inflate.pin_batchnorm` (``mode="eval"``) to keep those too.
+    Frozen parameters lose ``requires_grad`` and any ``.grad`` they had, so optimizers
+    with momentum or weight decay cannot move them (they skip parameters whose ``.grad``
+    is None). Normalization layers follow the layer they are attached to (see
+    :func:`layers`). ``requires_grad`` does not stop a batch norm in train mode from
+    updating its running statistics, so every batch norm whose parameters are all frozen
+    is pinned to eval mode (:func:`inflate.pin_batchnorm`'s pins), through any
+    ``model.train()``. Calling ``finetune`` again replaces the pins the earlier call made:
+    a batch norm that becomes trainable is unpinned, one that stays frozen keeps one pin.
+    Pins made with :func:`inflate.pin_batchnorm` are left alone. Batch norms without
+    parameters (``affine=False``) have nothing to freeze and are not pinned.
 
     Args:
         model: the network (changed in place).
@@ -184,23 +207,36 @@ def finetune(model: nn.Module, policy: Policy, *, example_input: Tensor | None =
             list of positions (``0``, ``-1``), layer names, or regular expressions that
             must match whole names (as PEFT's ``target_modules``).
         example_input: a tensor the model accepts; only its shape and dtype are used.
+        freeze_batchnorm: pin the frozen batch norms to eval mode. ``False`` pins none
+            (and lifts the pins of an earlier call): their running statistics then
+            follow ``model.train()``.
 
     Returns:
-        A report; ``print(report)`` shows the trainable layers and the share trained.
+        A report; ``print(report)`` shows the trainable layers and the share trained,
+        ``report.pinned`` the pinned batch norms.
 
     Raises:
         InflateError: an unknown policy, a position out of range, a name or pattern that
             matches nothing, or a policy that would freeze everything.
 
     Example:
-        >>> import torch.nn as nn
-        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1))
-        >>> print(finetune(net, "first+last"))
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 2, 1))
+        >>> report = finetune(net, "first+last")
+        >>> print(report)
            #  layer        params
-           0  0               224
+           0  0               240
            2  3                18
-        trainable 242 of 826 parameters (29.30%)
+        trainable 258 of 842 parameters (30.64%)
+        >>> report.pinned                     # the norm of layer 0 trains: nothing to pin
+        []
+        >>> finetune(net, "last").pinned      # now it is frozen, and stays in eval mode
+        ['1']
+        >>> net.train()[1].training
+        False
     """
+    if not isinstance(freeze_batchnorm, bool):
+        raise InflateError(f"freeze_batchnorm: expected True or False, got {freeze_batchnorm!r}")
     target = unwrap(model)
     units = trace_layers(target, example_input)
     chosen = {u.name for u in _select(units, policy)}
@@ -214,9 +250,13 @@ def finetune(model: nn.Module, policy: Policy, *, example_input: Tensor | None =
         p.requires_grad_(name in trainable_names)
         if name not in trainable_names:
             p.grad = None
+    frozen_norms = [n for n, m in batch_norms(target).items()
+                    if freeze_batchnorm and any(True for _ in m.parameters())
+                    and not any(p.requires_grad for p in m.parameters())]
+    pin = _pin_frozen(target, frozen_norms)
     rows = [(i, u.name, sum(params[p].numel() for p in u.params), u.name in chosen) for i, u in enumerate(units)]
     total = sum(p.numel() for p in params.values())
-    return FinetuneReport(rows, sum(params[n].numel() for n in trainable_names), total)
+    return FinetuneReport(rows, sum(params[n].numel() for n in trainable_names), total, pin)
 
 
 def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -23,10 +23,15 @@ from ._tracer import unwrap
 __all__ = ["FrozenSplit", "split_frozen"]
 
 _STOCHASTIC_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                       nn.FeatureAlphaDropout)
-_STOCHASTIC_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                         F.feature_alpha_dropout, torch.rand, torch.randn, torch.rand_like, torch.randn_like,
-                         torch.bernoulli, torch.randint, torch.randperm, torch.multinomial}
+                       nn.FeatureAlphaDropout, nn.RReLU)
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+_STOCHASTIC_FUNCTIONS = {*_DROPOUT_FUNCTIONS, torch.rand, torch.randn, torch.rand_like, torch.randn_like,
+                         torch.randint, torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial,
+                         torch.normal, torch.poisson, F.gumbel_softmax}
+#: Tensor methods that draw random numbers, as torch.fx records them (``call_method`` nodes): the
+#: in-place samplers, which fill a tensor from a distribution, and the out-of-place ones.
+_STOCHASTIC_METHODS = {"normal_", "bernoulli_", "uniform_", "exponential_", "random_", "geometric_", "cauchy_",
+                       "log_normal_", "bernoulli", "multinomial"}
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Any, ...]]:
@@ -57,6 +62,13 @@ def _trainable(root: nn.Module, node: fx.Node) -> bool:
     return False
 
 
+def _argument(node: fx.Node, position: int, name: str, default: Any) -> Any:
+    """The argument ``name`` of a call node, given by keyword or at ``position``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else default
+
+
 def _nondeterminism(root: nn.Module, node: fx.Node) -> str | None:
     if node.op == "call_module":
         module = root.get_submodule(str(node.target))
@@ -69,10 +81,13 @@ def _nondeterminism(root: nn.Module, node: fx.Node) -> str | None:
             if sub.training and random and rate != 0:
                 return f"{where} is random in train mode; call .eval() on it"
     if node.op == "call_function" and node.target in _STOCHASTIC_FUNCTIONS:
-        if node.target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-                           F.feature_alpha_dropout) and node.kwargs.get("training", True) is False:
+        if node.target in _DROPOUT_FUNCTIONS and _argument(node, 2, "training", True) is False:
             return None
         return f"{node.name} calls {getattr(node.target, '__name__', node.target)}, which is random"
+    if node.op == "call_function" and node.target is F.rrelu and _argument(node, 3, "training", False) is not False:
+        return f"{node.name} calls rrelu with training=True, which is random"
+    if node.op == "call_method" and node.target in _STOCHASTIC_METHODS:
+        return f"{node.name} calls Tensor.{node.target}, which is random"
     return None
 
 
@@ -101,8 +116,11 @@ def split_frozen(model: nn.Module) -> FrozenSplit:
 
     Which parameters are trainable comes from ``requires_grad`` (set it with
     :func:`inflate.finetune`). The prefix must be deterministic: batch norms in
-    it must be in eval mode (e.g. pinned with :func:`inflate.pin_batchnorm`) and
-    dropout or other randomness must be off. The split shares parameters with
+    it must be in eval mode (:func:`inflate.finetune` pins the frozen ones, or
+    :func:`inflate.pin_batchnorm`) and dropout or other randomness must be off: dropout,
+    drop-path and ``RReLU`` modules in train mode, random functions (``torch.rand``,
+    ``torch.normal``, ``torch.bernoulli`` ...) and the tensor methods that sample
+    (``normal_``, ``uniform_``, ``bernoulli_``, ``random_`` ...) are refused. The split shares parameters with
     ``model``: training the tail trains the model.
 
     Args:
