@@ -10,7 +10,7 @@ from . import _surgery as surgery
 from ._call import Example, as_call
 from ._discovery import Discovery, InputLayer, discover
 from ._errors import InflateError, TraceError
-from ._configs import update_configs
+from ._configs import config_attrs, update_configs
 from ._tracer import Plan, unwrap
 from ._verify import verify
 from .rules import RULES, Init, KernelLayout
@@ -177,8 +177,12 @@ def inflate_first_conv(
     changes = surgery.plan(target, layers, counts, init, scale)
     if found is not None:
         changes += [surgery.plan_operand(target, operand, counts) for operand in found.operands]
-        verify(target, found, Plan({id(getattr(ch.module, ch.attr)): ch.weight for ch in changes},
-                                   {id(ch.module): ch.attrs for ch in changes}), counts)
+    weights = {id(getattr(ch.module, ch.attr)): ch.weight for ch in changes}
+    attrs = {id(ch.module): dict(ch.attrs) for ch in changes}
+    for key, extra in config_attrs(target, counts, weights).items():  # attributes that gate the forward
+        attrs[key] = {**attrs.get(key, {}), **extra}
+    if found is not None:
+        verify(target, found, Plan(weights, attrs), counts)
     surgery.apply(changes)
     update_configs(target, counts)
     return model

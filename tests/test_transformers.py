@@ -1,0 +1,128 @@
+"""Hugging Face transformers vision models, built from tiny random configs: both rules exact,
+the default example input read from ``config.image_size``, ``config.num_channels`` and the
+embeddings' ``num_channels`` check kept in step, and ``save_pretrained``/``from_pretrained``
+rebuilding the inflated model. A model whose config would not rebuild it is refused."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from inflate import InexactError, InflateError, find_input_layers, inflate_first_conv
+from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
+
+T = pytest.importorskip("transformers")
+
+D = torch.float64
+#: float64 rounding through a few attention/conv blocks stays near 1e-15; 1e-10 leaves room
+#: for it and none for a wrong block (a 2x error at the stem is a relative error of 1).
+RTOL = 1e-10
+
+_VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37,
+        "image_size": 32, "patch_size": 8}
+_STAGES = {"hidden_sizes": [8, 16], "depths": [1, 1]}
+
+#: name -> (model class name, config class name, config kwargs)
+ARCHS = {
+    "vit": ("ViTModel", "ViTConfig", _VIT),
+    "vit-classifier": ("ViTForImageClassification", "ViTConfig", {**_VIT, "num_labels": 3}),
+    "deit": ("DeiTModel", "DeiTConfig", _VIT),
+    "dinov2": ("Dinov2Model", "Dinov2Config", _VIT),
+    "beit": ("BeitModel", "BeitConfig", {**_VIT, "vocab_size": 10}),
+    "convnext": ("ConvNextModel", "ConvNextConfig", {**_STAGES, "num_stages": 2, "image_size": 32}),
+    "resnet": ("ResNetForImageClassification", "ResNetConfig", {**_STAGES, "embedding_size": 8, "num_labels": 3}),
+    "regnet": ("RegNetModel", "RegNetConfig", {**_STAGES, "embedding_size": 8, "groups_width": 8}),
+    "swin": ("SwinModel", "SwinConfig", {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1],
+                                         "num_heads": [2, 2], "window_size": 4}),
+    "levit": ("LevitModel", "LevitConfig", {"image_size": 64, "hidden_sizes": [16, 32, 48], "depths": [1, 1, 1],
+                                            "num_attention_heads": [1, 2, 3], "key_dim": [8, 8, 8]}),
+}
+
+
+def _build(name: str) -> nn.Module:
+    model_cls, config_cls, kwargs = ARCHS[name]
+    torch.manual_seed(0)
+    model = getattr(T, model_cls)(getattr(T, config_cls)(**kwargs)).double().eval()
+    # Random init can leave a model nearly blind to its input (layer scales of 1e-6, weights
+    # of std 0.02 that shrink LeViT's four-conv stem output to 1e-9 of the biases): rescale
+    # conv and linear weights to unit gain and perturb scales and norms, so that a wrong
+    # stem really shows at the output.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.normal_(0, module.weight[0].numel() ** -0.5)
+        for pname, p in model.named_parameters():
+            if "layer_scale" in pname or "lambda" in pname or "norm" in pname.lower():
+                p.copy_(0.5 + torch.rand_like(p))
+    return model
+
+
+def _size(model: nn.Module) -> int:
+    size = getattr(model.config, "image_size", 32)
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
+class _Out(nn.Module):
+    """The model's ``logits`` or ``last_hidden_state`` as a plain tensor, for the assertions."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(pixel_values=x)
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_transformers_models_inflate_exactly_from_their_config_alone(name):
+    """No example input: the config says the image size. Both rules exact, at the widened
+    layer and at the output; the config and the embeddings' check say the new count."""
+    model = _build(name)
+    (stem,) = find_input_layers(model, {"pixel_values": torch.randn(1, 3, _size(model), _size(model), dtype=D)})
+    zero = inflate_first_conv(copy.deepcopy(model), 2, init="zero")
+    rep = inflate_first_conv(copy.deepcopy(model), 2, init="repeat")
+    assert model.config.num_channels == 3
+    for wide in (zero, rep):
+        assert wide.config.num_channels == 6
+        # the embeddings' check of the input's channel count (Swin has none)
+        assert {m.num_channels for m in wide.modules() if isinstance(getattr(m, "num_channels", None), int)} <= {6}
+    x1, x2 = torch.randn(2, 1, 3, _size(model), _size(model), dtype=D)
+    original, at = _Out(model), [f"model.{stem}"]
+    assert_zero_inflation_equivalent(original, _Out(zero), [x1, x2], compare_at=at, rtol=RTOL)
+    assert_repeat_equivalent(original, _Out(rep), x1, 2, compare_at=at, rtol=RTOL)
+    with pytest.raises(AssertionError):  # negative control: the second input reaches the repeat model
+        assert_zero_inflation_equivalent(original, _Out(rep), [x1, x2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vit-classifier", "convnext"])
+def test_an_inflated_transformers_model_saves_and_loads(name, tmp_path):
+    model = _build(name)
+    wide = inflate_first_conv(model, 2, init="zero", channels=(3, 1))
+    wide.save_pretrained(tmp_path)
+    loaded = type(wide).from_pretrained(tmp_path).double().eval()
+    assert loaded.config.num_channels == 4
+    x = torch.randn(2, 4, _size(model), _size(model), dtype=D)
+    assert torch.equal(_Out(loaded)(x), _Out(wide)(x))
+
+
+def test_a_config_that_would_not_rebuild_the_inflated_model_is_refused():
+    """A masked-image-modeling head sizes its pixel decoder by ``num_channels`` too: the
+    inflated model would save but not load. Refused, with the model unchanged."""
+    torch.manual_seed(0)
+    model = T.ViTForMaskedImageModeling(T.ViTConfig(**_VIT, encoder_stride=8)).double().eval()
+    before = model.vit.embeddings.patch_embeddings.projection.weight
+    with pytest.raises(InexactError, match=r"from_pretrained would not rebuild.*decoder\.0\.weight"):
+        inflate_first_conv(model, 2)
+    assert model.vit.embeddings.patch_embeddings.projection.weight is before
+    assert model.config.num_channels == 3 and model.vit.embeddings.patch_embeddings.num_channels == 3
+
+
+def test_weight_standardized_stems_are_refused():
+    """BiT standardizes its stem weight in the forward: no widening of the stored weight is exact."""
+    torch.manual_seed(0)
+    model = T.BitModel(T.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2)).double()
+    with pytest.raises(InflateError, match="weight standardization"):
+        inflate_first_conv(model, 2, example_input={"pixel_values": torch.randn(1, 3, 32, 32, dtype=D)})
+    assert model.config.num_channels == 3
