@@ -254,7 +254,7 @@ def test_inflates_own_failures_are_not_reported_as_the_models(monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("oops")
 
-    monkeypatch.setattr(inflate._ops, "propagate", broken)
+    monkeypatch.setattr(inflate._tags, "propagate", broken)
     with pytest.raises(InflateError, match=r"a bug in inflate, please report it") as caught:
         find_input_layers(Net(lambda self, x: x * 2))
     assert not isinstance(caught.value, TraceError)

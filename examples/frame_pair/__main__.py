@@ -10,7 +10,6 @@ nccl on GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

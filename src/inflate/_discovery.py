@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from . import _ops as ops
 from ._call import Call, Example
 from ._errors import InexactError
-from ._ops import Channels, Lost, Tag
+from . import _tags as tags
+from ._tags import Channels, Lost, Tag
 from ._tracer import Owners, Stop, Tracer, trace, unwrap
 from .rules import KernelLayout
 
@@ -255,10 +256,10 @@ class _InputTracer(Tracer):
         name = op.name if op is not None else ops.name_of(func)
         if op is not None and op.kind == "setitem":
             mutated: Tensor | None = args[0]
-            tag = ops.setitem_tag(args[0], args[1], args[2], self.tag)
+            tag = tags.setitem_tag(args[0], args[1], args[2], self.tag)
         else:
             before = {self.tag(t) for t in operands}
-            tag = ops.propagate(op, func, args, kwargs, out, self.tag, self.channels, self._per_channel)
+            tag = tags.propagate(op, func, args, kwargs, out, self.tag, self.channels, self._per_channel)
             if isinstance(tag, Lost) and tag not in before:  # lost here: say where
                 tag = Lost(tag.why + self.where(), tag.unknown)
             results = ops.tensors(out)

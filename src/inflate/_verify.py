@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import _ops as ops
 from ._discovery import Discovery, Step
 from ._errors import InexactError, TraceError
-from ._ops import Channels
+from ._tags import Channels
 from ._tracer import Owners, Plan, Stop, Tracer, trace
 
 __all__ = ["verify"]
