@@ -107,3 +107,14 @@ class DataDependent(nn.Module):
         if self.conv.weight.abs().sum() > 0:
             x = x * 2
         return self.conv(x)
+
+
+def conv_bn_stack() -> nn.Sequential:
+    """Four convs, two with batch norms: the fine-tuning tests' small network (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 2, 1),
+    )

@@ -8,17 +8,13 @@ from torch import nn
 
 from inflate import InflateError, check_optimizer, finetune, inflate_first_conv, layers, pin_batchnorm
 
+from . import models
+
 timm = pytest.importorskip("timm")
 
 
 def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 2, 1),
-    )
+    return models.conv_bn_stack()
 
 
 def test_layers_are_in_forward_order_with_norms_attached():

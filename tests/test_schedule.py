@@ -9,15 +9,11 @@ from torch import nn
 
 from inflate import InflateError, Unfreezer, check_optimizer, finetune, layers, param_groups
 
+from . import models
+
 
 def _net():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 2, 1),
-    )
+    return models.conv_bn_stack()
 
 
 def _names(net, group):
