@@ -50,6 +50,19 @@ class _Residual(nn.Module):
         return x + self.body(x)
 
 
+class _Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, the statistics in buffers: a normaliser inside the model."""
+
+    def __init__(self, channels: int, dims: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+        self.shape = (1, -1) + (1,) * dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean.view(self.shape)) / self.std.view(self.shape)
+
+
 class SmallConvNet(nn.Module):
     """A small conv network with a (possibly multi-branch) stem whose branches are summed.
 
@@ -91,6 +104,9 @@ def _randomize(model: nn.Module, seed: int) -> None:
                 module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
                 module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=gen))
+            elif isinstance(module, _Normalize):
+                module.mean.copy_(torch.randn(module.mean.shape, generator=gen))
+                module.std.copy_(torch.rand(module.std.shape, generator=gen) + 0.5)
             elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.5)
                 if module.bias is not None:
@@ -99,7 +115,8 @@ def _randomize(model: nn.Module, seed: int) -> None:
 
 @st.composite
 def _conv_net(draw: Any, dims: Sequence[int], transposed: bool, grouped: bool, bias: bool | None,
-              batch_norm: bool, residual: bool, multi_branch: bool, dtype: torch.dtype) -> SmallConvNet:
+              batch_norm: bool, residual: bool, multi_branch: bool, input_affine: bool,
+              dtype: torch.dtype) -> SmallConvNet:
     d = draw(st.sampled_from(list(dims)))
     c = draw(st.integers(1, 4))
     size = draw(st.integers(5, 9 if d < 3 else 6))
@@ -110,13 +127,17 @@ def _conv_net(draw: Any, dims: Sequence[int], transposed: bool, grouped: bool, b
     kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, 3))
     notes = [f"{d}d C={c} size={size} stem={kind} k={k} width={width} bias={has_bias}"]
-    pre_kind = draw(st.sampled_from(["none", "scale", "pool", "pad"]))
+    affines = (["normalize"] + (["batch_norm"] if batch_norm else [])) if input_affine else []
+    pre_kind = draw(st.sampled_from(["none", "scale", "pool", "pad", *affines]))
     pre: nn.Module = {
-        "none": nn.Identity(),
-        "scale": nn.Hardtanh(-2.0, 2.0),
-        "pool": _POOL[d](2, stride=1),
-        "pad": nn.ReplicationPad1d(1) if d == 1 else (nn.ReplicationPad2d(1) if d == 2 else nn.ReplicationPad3d(1)),
-    }[pre_kind]
+        "none": nn.Identity,
+        "scale": lambda: nn.Hardtanh(-2.0, 2.0),
+        "pool": lambda: _POOL[d](2, stride=1),
+        "pad": lambda: nn.ReplicationPad1d(1) if d == 1 else (nn.ReplicationPad2d(1) if d == 2 else
+                                                                nn.ReplicationPad3d(1)),
+        "normalize": lambda: _Normalize(c, d),  # per-channel affines: widened per input
+        "batch_norm": lambda: _BN[d](c),
+    }[pre_kind]()
     notes.append(f"pre={pre_kind}")
     if kind == "transposed":
         stem = [_CONV_T[d](c, width, k, stride=draw(st.integers(1, 2)), bias=has_bias)]
@@ -154,14 +175,17 @@ def conv_nets(
     batch_norm: bool = True,
     residual: bool = True,
     multi_branch: bool = True,
+    input_affine: bool = True,
     dtype: torch.dtype = torch.float64,
 ) -> st.SearchStrategy[SmallConvNet]:
     """Random small conv networks in ``eval`` mode, as :class:`SmallConvNet`.
 
     Stems: plain (stride, dilation, zeros/circular/replicate padding), transposed,
     grouped/depthwise, or 2-3 parallel branches summed (RepVGG-style); optionally
-    after a channel-wise op (clamp, pooling, padding). Bodies: batch norm with random
-    statistics, ReLU, a residual block, a 1x1 head.
+    after a channel-wise op (clamp, pooling, padding) or a per-channel affine on the
+    raw input (a mean/std normaliser in buffers, a batch norm), which inflation widens
+    per input. Bodies: batch norm with random statistics, ReLU, a residual block, a 1x1
+    head.
 
     Args:
         dims: spatial dimensionalities to draw from (1, 2, 3).
@@ -171,6 +195,7 @@ def conv_nets(
         batch_norm: allow batch norm (in eval mode, random statistics).
         residual: allow a residual block.
         multi_branch: allow multi-branch stems.
+        input_affine: allow a per-channel affine on the raw input (normaliser, batch norm).
         dtype: parameter dtype (float64 for exactness claims).
 
     Example:
@@ -181,7 +206,7 @@ def conv_nets(
         ...     assert net(torch.randn(1, *net.input_shape, dtype=torch.float64)).ndim == 4
         >>> test()
     """
-    return _conv_net(tuple(dims), transposed, grouped, bias, batch_norm, residual, multi_branch, dtype)
+    return _conv_net(tuple(dims), transposed, grouped, bias, batch_norm, residual, multi_branch, input_affine, dtype)
 
 
 @st.composite
