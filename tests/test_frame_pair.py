@@ -121,3 +121,79 @@ def test_two_process_ddp_matches_one_process(smoke_run, tmp_path):
     one = json.loads((out / "metrics.json").read_text())["train_loss"]
     # same batches split over 2 processes, gradients averaged: equal up to float32 summation order
     assert ddp == pytest.approx(one, rel=1e-3)
+
+
+_PROG = "python -m examples.frame_pair: error: "
+
+
+def _readonly_dir(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+# (arguments, the option the error names); OUT is the output folder, FILE an existing file,
+# READONLY a read-only folder, MISSING a folder that does not exist
+_BAD = {
+    "frames-0": (["train", "--frames", "0"], "--frames"),
+    "frames-1": (["train", "--smoke", "--frames", "1"], "--frames"),
+    "frames-not-int": (["train", "--frames", "two"], "--frames"),
+    "videos-0": (["train", "--videos", "0"], "--videos"),
+    "videos-too-many": (["train", "--smoke", "--videos", "8"], "--videos"),
+    "epochs-0": (["train", "--epochs", "0"], "--epochs"),
+    "epochs-negative": (["sweep", "--epochs", "-1"], "--epochs"),
+    "many-0": (["train", "--many", "0"], "--many"),
+    "many-above-frames": (["train", "--smoke", "--many", "5"], "--many"),
+    "many-above-given-frames": (["equivalence", "--frames", "3", "--many", "4"], "--many"),
+    "out-is-a-file": (["train", "--smoke", "--out", "FILE"], "--out"),
+    "out-under-a-file": (["sweep", "--smoke", "--out", "FILE/sub"], "--out"),
+    "out-read-only": (["train", "--smoke", "--out", "READONLY"], "--out"),
+    "evaluate-missing": (["evaluate", "MISSING"], "MISSING"),
+    "evaluate-empty": (["evaluate", "--out", "OUT"], "OUT"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD))
+def test_cli_rejects_bad_arguments_before_any_work(case, tmp_path):
+    args, names = _BAD[case]
+    out, file = tmp_path / "out", tmp_path / "file"
+    file.write_text("not a folder")
+    paths = {"OUT": out, "FILE": file, "MISSING": tmp_path / "missing"}
+    if "READONLY" in args:
+        paths["READONLY"] = _readonly_dir(tmp_path)
+    if case == "evaluate-empty":
+        out.mkdir()
+    argv = [next((a.replace(k, str(v)) for k, v in paths.items() if a.startswith(k)), a) for a in args]
+    if "--out" not in argv and argv[0] != "evaluate":
+        argv += ["--out", str(out)]
+    names = next((str(v) for k, v in paths.items() if names == k), names)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "examples.frame_pair", *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not result.stdout
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert errors[0].startswith(_PROG) and names in errors[0] and "expected" in errors[0] and "got" in errors[0]
+    assert time.time() - started < 20  # no training: the smoke training alone takes longer
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert file.read_text() == "not a folder"
+
+
+def test_cli_accepts_valid_arguments_and_checks_only(tmp_path):
+    from examples.frame_pair.__main__ import _args
+
+    out = tmp_path / "new" / "run"
+    args = _args(["train", "--smoke", "--out", str(out)])
+    assert (args.command, args.smoke, args.out, args.epochs) == ("train", True, str(out), None)
+    assert out.is_dir() and not list(out.iterdir())  # created and checked, the check file removed
+    args = _args(["sweep", "--frames", "2", "--many", "2", "--videos", "7", "--epochs", "1", "--out", str(out)])
+    assert (args.frames, args.many, args.videos, args.epochs) == (2, 2, 7, 1) and not list(out.iterdir())
+    (out / "models").mkdir()
+    (out / "models" / "single.safetensors").write_bytes(b"")
+    assert _args(["evaluate", str(out)]).runs == [str(out)]
+    assert _args(["evaluate", "--out", str(out)]).out == str(out)

@@ -12,19 +12,63 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+# torch and the example's modules are imported only after the arguments and the output folder
+# are checked, so a bad command line fails at once, before anything heavy is loaded.
+if TYPE_CHECKING:
+    from . import pipeline
 
-from . import pipeline
-from .data import VIDEOS, make_video
-from .evaluate import learning_curves, pictures, score
-from .fit import world
+
+def _int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=``: an int in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    expected = f"an int >= {low}" if high is None else f"an int from {low} to {high}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
+
+
+def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """``--out`` must be a folder, or creatable, and writable: create it and a temp file in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as error:
+        reason = "an existing file" if out.is_file() else (error.strerror or type(error).__name__)
+        parser.error(f"--out: expected a writable folder (existing or creatable), got {str(out)!r} ({reason})")
+
+
+def _check_runs(parser: argparse.ArgumentParser, runs: list[Path]) -> None:
+    """evaluate: every run folder must hold stored models."""
+    for run in runs:
+        if not run.is_dir():
+            parser.error(f"evaluate: expected a run folder with models/*.safetensors, got {str(run)!r} "
+                         "(no such folder)")
+        if not any((run / "models").glob("*.safetensors")):
+            parser.error(f"evaluate: expected a run folder with models/*.safetensors, got {str(run)!r} "
+                         "(no stored models)")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check the command line; a bad one exits with status 2 and a one-line error.
+
+    For train, equivalence and sweep the output folder is created (if missing) and checked
+    for writing; for evaluate the run folders must hold stored models. Nothing is trained here.
+    """
     parser = argparse.ArgumentParser(prog="python -m examples.frame_pair", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate"])
     parser.add_argument("runs", nargs="*", help="evaluate: run folders to compare (default: --out)")
@@ -34,14 +78,40 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resolution", choices=["coords", "study"], default="coords",
                         help="coords: inputs at the coordinate resolution 360x640 (default); study: 120x240")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--videos", type=int)
-    parser.add_argument("--frames", type=int, help="frames per video")
-    parser.add_argument("--many", type=int, help="inputs of the scale-up stage (about ten)")
-    return parser.parse_args(argv)
+    parser.add_argument("--epochs", type=_int(1))
+    parser.add_argument("--videos", type=_int(1))
+    parser.add_argument("--frames", type=_int(2), help="frames per video")
+    parser.add_argument("--many", type=_int(2), help="inputs of the scale-up stage (about ten)")
+    args = parser.parse_args(argv)
+    args.out = args.out or "runs/frame_pair" + ("_study" if args.resolution == "study" else "") + (
+        "_smoke" if args.smoke else "")
+    if args.command == "evaluate":
+        _check_runs(parser, [Path(r) for r in args.runs] or [Path(args.out)])
+        return args
+    if any(v is not None for v in (args.videos, args.frames, args.many)):
+        # overrides can conflict with each other or with the mode's defaults (the defaults agree)
+        from .data import VIDEOS
+
+        cfg = _config(args)
+        if cfg.videos > len(VIDEOS):
+            parser.error(f"--videos: expected an int from 1 to {len(VIDEOS)}, got {cfg.videos}")
+        if cfg.many > cfg.frames:
+            parser.error(f"--many: expected an int <= --frames ({cfg.frames}"
+                         f"{'' if args.frames is not None else ', its default'}), got {cfg.many}")
+    _check_out(parser, Path(args.out))
+    return args
+
+
+def _config(args: argparse.Namespace) -> pipeline.RunConfig:
+    from . import pipeline
+
+    return pipeline.RunConfig.make(args.out, args.smoke, args.resolution == "study", epochs=args.epochs,
+                                   videos=args.videos, frames=args.frames, many=args.many, resume=args.resume)
 
 
 def _say(*text: object) -> None:
+    from .fit import world
+
     if world()[0] == 0:
         print(*text, flush=True)
 
@@ -56,6 +126,11 @@ def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
 
 def train(cfg: pipeline.RunConfig) -> dict[str, object]:
     """Single-frame model, inflated to 2 and to ``cfg.many`` frames, evaluated and stored."""
+    from . import pipeline
+    from .data import VIDEOS, make_video
+    from .evaluate import learning_curves, pictures, score
+    from .fit import world
+
     started = time.time()
     single, h1 = pipeline.single_stage(cfg)
     pair, h2 = pipeline.multi_stage(cfg, single, "pair", 2)
@@ -88,6 +163,10 @@ def train(cfg: pipeline.RunConfig) -> dict[str, object]:
 
 
 def equivalence(cfg: pipeline.RunConfig) -> dict[str, object]:
+    from . import pipeline
+    from .evaluate import learning_curves
+    from .fit import world
+
     single, _ = pipeline.single_stage(cfg)
     result = pipeline.equivalence(cfg, single)
     pipeline.write_json(cfg.out / "equivalence.json", result)
@@ -102,6 +181,10 @@ def equivalence(cfg: pipeline.RunConfig) -> dict[str, object]:
 
 
 def sweep(cfg: pipeline.RunConfig) -> list[dict[str, object]]:
+    from . import pipeline
+    from .evaluate import learning_curves
+    from .fit import world
+
     single, _ = pipeline.single_stage(cfg)
     results = pipeline.sweep(cfg, single)
     pipeline.write_json(cfg.out / "sweep.json", {"results": results})
@@ -115,6 +198,10 @@ def sweep(cfg: pipeline.RunConfig) -> list[dict[str, object]]:
 
 def evaluate(runs: list[Path]) -> dict[str, dict[str, float]]:
     """Load the stored models of each run folder and score them side by side."""
+    from . import pipeline
+    from .data import VIDEOS, make_video
+    from .evaluate import score
+
     table = []
     scores: dict[str, dict[str, float]] = {}
     for run in runs:
@@ -137,16 +224,18 @@ def evaluate(runs: list[Path]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    import torch
+    import torch.distributed as dist
+
+    from .fit import world
+
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world()[1]))
-    out = args.out or "runs/frame_pair" + ("_study" if args.resolution == "study" else "") + (
-        "_smoke" if args.smoke else "")
-    cfg = pipeline.RunConfig.make(out, args.smoke, args.resolution == "study", epochs=args.epochs,
-                                  videos=args.videos, frames=args.frames, many=args.many, resume=args.resume)
+    cfg = _config(args)
     try:
         if args.command == "evaluate":
             evaluate([Path(r) for r in args.runs] or [cfg.out])
