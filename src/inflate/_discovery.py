@@ -154,9 +154,6 @@ class _InputTracer(Tracer):
         for t in ops.tensors(tree):
             self.tags[id(t)] = (t, tag)
 
-    def where(self) -> str:
-        return f" in {self.stack[-1]}" if self.stack else ""
-
     def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
         op = ops.lookup(func)
         kind = op.kind if op is not None else None

@@ -64,6 +64,10 @@ class Tracer(TorchFunctionMode):
         self.call: Call | None = None  # the call as it ran (meta or real arguments)
         self.buffer_owners: Owners = {}  # id(buffer stand-in) -> [(module name, attribute)]
 
+    def where(self) -> str:
+        """`` in 'name' (Class)`` of the module being called, for messages; empty at the root."""
+        return f" in {self.stack[-1]}" if self.stack else ""
+
     def enter(self, module: nn.Module, args: Any) -> None:
         """Called as a module's forward begins (with ``stack=True``)."""
         self.stack.append(label(self.modules.get(id(module), "?"), module))
@@ -116,7 +120,7 @@ def _bug(func: Callable[..., Any], tracer: Tracer, error: Exception) -> InflateE
     """inflate's own failure while watching ``func``: never reported as the model's."""
     if isinstance(error, InflateError):
         return error
-    where = f" in {tracer.stack[-1]}" if tracer.stack else ""
+    where = tracer.where()
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     return InflateError(f"inflate failed while following {name}{where} ({type(error).__name__}: {error}): "
                         "a bug in inflate, please report it")

@@ -67,36 +67,34 @@ class _Replay(Tracer):
 
     def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Step:
         k, self.k = self.k, self.k + 1
-        where = f" in {self.stack[-1]}" if self.stack else ""
         if k >= len(self.steps):
             raise self._refuse(f"the inflated model makes more operations than the original ({ops.name_of(func)}"
-                               f"{where}): the input's channel count changes the computation")
+                               f"{self.where()}): the input's channel count changes the computation")
         step = self.steps[k]
         if func != step.func:
             raise self._refuse(f"operation {k} is {ops.name_of(step.func)} in {step.where} for the original model "
-                               f"and {ops.name_of(func)}{where} for the inflated one: the input's channel count "
+                               f"and {ops.name_of(func)}{self.where()} for the inflated one: the input's channel count "
                                "changes the computation")
         if not step.widened:
             got = ops.atoms((args, kwargs))
             holds_block = any(isinstance(tag, Channels) for _, tag in step.outs)
             if len(got) != len(step.atoms):
-                raise self._refuse(f"{ops.name_of(func)}{where} gets other arguments on the inflated model")
+                raise self._refuse(f"{ops.name_of(func)}{self.where()} gets other arguments on the inflated model")
             for new, old in zip(got, step.atoms):
                 if _same(new, old):
                     continue
                 if step.kind in _SIZES and holds_block and self._scaled(new, old):
                     continue
-                raise self._refuse(f"{ops.name_of(func)}{where} gets {old!r} on the original model and {new!r} on "
-                                   "the inflated one: the input's channel count changes the computation")
+                raise self._refuse(f"{ops.name_of(func)}{self.where()} gets {old!r} on the original model and "
+                                   f"{new!r} on the inflated one: the input's channel count changes the computation")
         return step
 
     def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, step: Step) -> None:
-        where = f" in {self.stack[-1]}" if self.stack else ""
         shapes = [tuple(t.shape) for t in ops.tensors(out)]
         expected = [self._expected(shape, tag) for shape, tag in step.outs]
         if len(shapes) != len(expected) or any(e is not None and s != e for s, e in zip(shapes, expected)):
-            raise self._refuse(f"{ops.name_of(func)}{where} gives shapes {shapes} on the inflated model, expected "
-                               f"{expected}: the input's channel count changes the computation")
+            raise self._refuse(f"{ops.name_of(func)}{self.where()} gives shapes {shapes} on the inflated model, "
+                               f"expected {expected}: the input's channel count changes the computation")
         if self.stop_at is not None and self.k > self.stop_at:
             raise Stop()
 
