@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from inflate import InexactError, InflateError, find_input_layers, inflate_first_conv
-from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
+from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent, check_inflation
 
 D = torch.float64
 
@@ -121,6 +121,75 @@ def test_an_inflated_unet_saves_and_loads_through_diffusers(tmp_path):
     x = torch.randn(1, 8, 16, 16, dtype=D)
     with torch.no_grad():
         assert torch.equal(loaded(x, 10).sample, wide(x, 10).sample)
+
+
+def _vae():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                   latent_channels=4, norm_num_groups=4, sample_size=16).double().eval()
+
+
+class _Latent(nn.Module):
+    """The mean of the VAE's latent distribution, what a latent diffusion model is trained on."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        return self.vae.encode(x).latent_dist.mean
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["autoencoder", "encoder"])
+def test_a_diffusers_vae_encoder_inflates_exactly(whole):
+    """An AutoencoderKL from its config alone (``sample`` of ``sample_size``, no timestep), or its
+    bare ``encoder`` with an example: ``encoder.conv_in`` widened, both rules exact at that layer
+    and at the latent, the autoencoder's ``config.in_channels`` kept in step."""
+    vae = _vae()
+    x1, x2 = torch.randn(2, 1, 3, 16, 16, dtype=D)
+    if whole:
+        assert find_input_layers(vae) == ["encoder.conv_in"]
+        zero = inflate_first_conv(copy.deepcopy(vae), 2, init="zero")
+        rep = inflate_first_conv(copy.deepcopy(vae), 2, init="repeat")
+        assert zero.config.in_channels == rep.config.in_channels == 6 and vae.config.in_channels == 3
+    else:
+        zero, rep = copy.deepcopy(vae), copy.deepcopy(vae)
+        inflate_first_conv(zero.encoder, 2, init="zero", example_input=x1)
+        inflate_first_conv(rep.encoder, 2, init="repeat", example_input=x1)
+    assert zero.encoder.conv_in.in_channels == rep.encoder.conv_in.in_channels == 6
+    original, at = _Latent(vae), ["vae.encoder.conv_in"]
+    # the rtol of the UNets: float64 rounding through a few conv/group-norm blocks stays near 1e-15
+    assert_zero_inflation_equivalent(original, _Latent(zero), [x1, x2], compare_at=at, rtol=1e-12)
+    assert_repeat_equivalent(original, _Latent(rep), x1, 2, compare_at=at, rtol=1e-12)
+    with pytest.raises(AssertionError):  # negative control: the second input reaches the repeat model
+        assert_zero_inflation_equivalent(original, _Latent(rep), [x1, x2], compare_at=at, rtol=1e-6)
+    if whole:  # and the decoded image, through the whole autoencoder
+        assert_zero_inflation_equivalent(_Sample(vae), _Sample(zero), [x1, x2], rtol=1e-12)
+
+
+def test_an_inflated_vae_saves_and_loads_through_diffusers(tmp_path):
+    wide = inflate_first_conv(_vae(), 2, init="zero")
+    wide.save_pretrained(tmp_path)
+    loaded = diffusers.AutoencoderKL.from_pretrained(tmp_path).double().eval()
+    assert loaded.config.in_channels == 6 and loaded.encoder.conv_in.in_channels == 6
+    x = torch.randn(1, 6, 16, 16, dtype=D)
+    assert torch.equal(_Latent(loaded)(x), _Latent(wide)(x))
+
+
+def test_check_inflation_of_a_diffusers_unet_from_its_config_or_an_example():
+    """No example: the config's call (sample, timestep, one token of conditioning); or the
+    call as a diffusers pipeline makes it, by keyword."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                          layers_per_block=1, norm_num_groups=4, cross_attention_dim=8,
+                                          attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    assert set(check_inflation(unet, 2).diffs) == {"layer 'conv_in'", "output"}
+    example = {"sample": torch.zeros(2, 4, 8, 8), "timestep": torch.tensor([5, 50]),
+               "encoder_hidden_states": torch.randn(2, 3, 8)}
+    report = check_inflation(unet, 2, init="repeat", example_input=example, input_arg="sample")
+    assert report.max_relative_diff < 1e-12 and unet.conv_in.in_channels == 4
 
 
 def test_a_unet_that_uses_the_channel_count_is_still_refused():

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given
 from torch import nn
 
-from inflate import inflate_first_conv
+from inflate import InflateError, inflate_first_conv
 from inflate.testing import (
     assert_repeat_equivalent,
     assert_zero_inflation_equivalent,
@@ -97,6 +97,60 @@ def test_check_inflation_does_not_touch_the_model_and_catches_a_broken_rule(monk
         check_inflation(net, 2, init="zero", example_input=torch.zeros(1, 3, 8, 8))
 
 
+class _Conditioned(nn.Module):
+    """A forward with a second tensor argument (a condition) and two outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.embed = nn.Linear(1, 4)
+
+    def forward(self, x, t):
+        y = self.conv(x) + self.embed(t)[:, :, None, None]
+        return y, y.mean((2, 3))
+
+
+@pytest.mark.parametrize(("example", "input_arg"), [
+    ((torch.zeros(2, 3, 8, 8), torch.ones(2, 1)), None),
+    ({"t": torch.ones(2, 1), "x": torch.zeros(2, 3, 8, 8)}, "x"),
+    ((torch.zeros(2, 3, 8, 8), torch.ones(2, 1)), 0),
+], ids=["positional", "keyword", "position"])
+@pytest.mark.parametrize("init", ["zero", "repeat"])
+def test_check_inflation_takes_the_example_forms_inflate_first_conv_takes(example, input_arg, init, monkeypatch):
+    torch.manual_seed(0)
+    net = _Conditioned()
+    report = check_inflation(net, 2, init=init, example_input=example, input_arg=input_arg)
+    assert set(report.diffs) == {"layer 'conv'", "output[0]", "output[1]"} and report.max_relative_diff < 1e-12
+    import inflate.rules as weights
+
+    real = weights.inflate_kernel  # negative control: one part in a billion off is caught
+    monkeypatch.setattr("inflate._surgery.inflate_kernel",
+                        lambda k, ch, init, scale: real(k, ch, init, scale) * (1 + 1e-9))
+    with pytest.raises(AssertionError, match=r"layer 'conv': relative L2 difference"):
+        check_inflation(net, 2, init=init, example_input=example, input_arg=input_arg)
+
+
+def test_the_assertions_call_the_models_with_the_other_arguments():
+    torch.manual_seed(0)
+    net = _Conditioned().to(D).eval()
+    wide = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=(torch.zeros(1, 3, 8, 8, dtype=D),
+                                                                                 torch.zeros(1, 1, dtype=D)))
+    x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
+    t = torch.randn(2, 1, dtype=D)
+    example = {"x": torch.empty(0), "t": t}  # the input's placeholder is replaced, whatever it holds
+    report = assert_zero_inflation_equivalent(net, wide, [x1, x2], example_input=example, input_arg="x")
+    assert report.max_relative_diff < 1e-14
+    report = assert_repeat_equivalent(net, inflate_first_conv(copy.deepcopy(net), 2, example_input=(x1, t)), x1, 2,
+                                      example_input=(x1, t), compare_at=["conv"])
+    assert set(report.diffs) == {"layer 'conv'", "output[0]", "output[1]"} and report.max_relative_diff < 1e-14
+    with torch.no_grad():  # negative control: the condition's path changed by one part in a million
+        wide.embed.bias[0] += 1e-6
+    with pytest.raises(AssertionError, match=r"output\[1\]: relative L2 difference"):
+        assert_zero_inflation_equivalent(net, wide, [x1, x2], example_input=example, input_arg="x")
+    with pytest.raises(InflateError, match=r"input_arg: expected the keyword 'y' of example_input"):
+        assert_zero_inflation_equivalent(net, wide, [x1, x2], example_input=example, input_arg="y")
+
+
 @given(conv_nets())
 def test_strategy_networks_run_and_are_in_eval_mode_float64(net):
     assert not net.training and all(p.dtype == D for p in net.parameters())
@@ -124,7 +178,7 @@ def _imported_after(statement):
     """The heavy modules that ``statement`` imports in a fresh interpreter."""
     heavy = "('torch', 'hypothesis', 'inflate')"
     probe = f"import sys; {statement}; print(sorted(m for m in {heavy} if sys.modules.get(m)))"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -145,7 +199,7 @@ try:
 except ImportError as err:
     print(err)
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert 'expected the \'hypothesis\' package' in result.stdout
     assert 'pip install "torch-inflate[testing]"' in result.stdout

@@ -22,6 +22,8 @@ RTOL = 1e-10
 _VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37,
         "image_size": 32, "patch_size": 8}
 _STAGES = {"hidden_sizes": [8, 16], "depths": [1, 1]}
+_SEGFORMER = {"num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [8, 16],
+              "patch_sizes": [7, 3], "strides": [4, 2], "num_attention_heads": [1, 2], "mlp_ratios": [2, 2]}
 
 #: name -> (model class name, config class name, config kwargs)
 ARCHS = {
@@ -37,7 +39,35 @@ ARCHS = {
                                          "num_heads": [2, 2], "window_size": 4}),
     "levit": ("LevitModel", "LevitConfig", {"image_size": 64, "hidden_sizes": [16, 32, 48], "depths": [1, 1, 1],
                                             "num_attention_heads": [1, 2, 3], "key_dim": [8, 8, 8]}),
+    # vision towers of image-text models
+    "clip": ("CLIPVisionModel", "CLIPVisionConfig", _VIT),
+    "clip-projection": ("CLIPVisionModelWithProjection", "CLIPVisionConfig", {**_VIT, "projection_dim": 8}),
+    "siglip": ("SiglipVisionModel", "SiglipVisionConfig", _VIT),
+    # dense prediction: hierarchical encoders and their heads
+    "segformer": ("SegformerModel", "SegformerConfig", _SEGFORMER),
+    "segformer-segmentation": ("SegformerForSemanticSegmentation", "SegformerConfig",
+                               {**_SEGFORMER, "decoder_hidden_size": 16, "num_labels": 3}),
+    "dpt": ("DPTModel", "DPTConfig", {**_VIT, "add_pooling_layer": False}),
+    "dpt-depth": ("DPTForDepthEstimation", "DPTConfig", {**_VIT, "num_hidden_layers": 4, "backbone_out_indices": [0, 1, 2, 3],
+                                                         "neck_hidden_sizes": [8, 8, 8, 8], "fusion_hidden_size": 8,
+                                                         "head_hidden_size": 8}),
+    "pvt": ("PvtModel", "PvtConfig", {"image_size": 32, "num_encoder_blocks": 2, "depths": [1, 1], "hidden_sizes": [8, 16],
+                                      "sequence_reduction_ratios": [2, 1], "patch_sizes": [4, 2], "strides": [4, 2],
+                                      "num_attention_heads": [1, 2], "mlp_ratios": [2, 2]}),
+    "yolos": ("YolosModel", "YolosConfig", {**_VIT, "image_size": [32, 32], "num_detection_tokens": 2}),
+    # more classification backbones
+    "dinov2-registers": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", _VIT),
+    "convnextv2": ("ConvNextV2Model", "ConvNextV2Config", {**_STAGES, "num_stages": 2, "image_size": 32}),
+    "swinv2": ("Swinv2Model", "Swinv2Config", {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1],
+                                               "num_heads": [2, 2], "window_size": 4}),
+    "focalnet": ("FocalNetModel", "FocalNetConfig", {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1],
+                                                     "hidden_sizes": [16, 32]}),
+    "mobilevit": ("MobileViTModel", "MobileViTConfig", {"image_size": 32, "hidden_sizes": [16, 24, 32],
+                                                        "neck_hidden_sizes": [8, 8, 8, 16, 16, 24, 32],
+                                                        "num_attention_heads": 2}),
+    "mobilenet-v2": ("MobileNetV2Model", "MobileNetV2Config", {"image_size": 32, "depth_multiplier": 0.25}),
 }
+
 
 
 def _build(name: str) -> nn.Module:
@@ -64,7 +94,8 @@ def _size(model: nn.Module) -> int:
 
 
 class _Out(nn.Module):
-    """The model's ``logits`` or ``last_hidden_state`` as a plain tensor, for the assertions."""
+    """The model's head output (``logits``, ``predicted_depth``, ``image_embeds``) or else its
+    ``last_hidden_state`` as a plain tensor, for the assertions."""
 
     def __init__(self, model):
         super().__init__()
@@ -72,7 +103,8 @@ class _Out(nn.Module):
 
     def forward(self, x):
         out = self.model(pixel_values=x)
-        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return next(getattr(out, key) for key in ("logits", "predicted_depth", "image_embeds", "last_hidden_state")
+                    if getattr(out, key, None) is not None)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -84,10 +116,13 @@ def test_transformers_models_inflate_exactly_from_their_config_alone(name):
     zero = inflate_first_conv(copy.deepcopy(model), 2, init="zero")
     rep = inflate_first_conv(copy.deepcopy(model), 2, init="repeat")
     assert model.config.num_channels == 3
+    counts = {n: m.num_channels for n, m in model.named_modules() if isinstance(getattr(m, "num_channels", None), int)}
     for wide in (zero, rep):
         assert wide.config.num_channels == 6
-        # the embeddings' check of the input's channel count (Swin has none)
-        assert {m.num_channels for m in wide.modules() if isinstance(getattr(m, "num_channels", None), int)} <= {6}
+        # the embeddings' check of the input's channel count says 6 (Swin has none); the later
+        # stages' patch embeddings of PVT or FocalNet check their own input's count, kept
+        assert {n: wide.get_submodule(n).num_channels for n in counts} == {n: 6 if c == 3 else c
+                                                                          for n, c in counts.items()}
     x1, x2 = torch.randn(2, 1, 3, _size(model), _size(model), dtype=D)
     original, at = _Out(model), [f"model.{stem}"]
     assert_zero_inflation_equivalent(original, _Out(zero), [x1, x2], compare_at=at, rtol=RTOL)
@@ -96,7 +131,7 @@ def test_transformers_models_inflate_exactly_from_their_config_alone(name):
         assert_zero_inflation_equivalent(original, _Out(rep), [x1, x2], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["vit-classifier", "convnext"])
+@pytest.mark.parametrize("name", ["vit-classifier", "convnext", "clip", "siglip", "segformer"])
 def test_an_inflated_transformers_model_saves_and_loads(name, tmp_path):
     model = _build(name)
     wide = inflate_first_conv(model, 2, init="zero", channels=(3, 1))
@@ -126,3 +161,17 @@ def test_weight_standardized_stems_are_refused():
     with pytest.raises(InflateError, match="weight standardization"):
         inflate_first_conv(model, 2, example_input={"pixel_values": torch.randn(1, 3, 32, 32, dtype=D)})
     assert model.config.num_channels == 3
+
+
+def test_discovery_leaves_a_model_that_never_ran_as_it_was():
+    """Finding the input layers must not change the model. Here the trace is the model's first
+    forward: transformers installs its output-capturing hooks and marks the model as hooked.
+    Were the mark's absence restored but the hooks kept (as inflate once did), the next forward
+    would install them a second time and the decode head would get four hidden states, not two."""
+    model = _build("segformer-segmentation")
+    untouched = copy.deepcopy(model)
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    find_input_layers(model)
+    x = torch.randn(1, 3, 32, 32, dtype=D)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    assert torch.equal(_Out(model)(x), _Out(untouched)(x))

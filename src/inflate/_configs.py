@@ -20,7 +20,7 @@ from torch import nn
 from ._call import Call
 from ._errors import InexactError
 
-__all__ = ["update_configs", "config_calls", "config_attrs"]
+__all__ = ["config_attrs", "config_calls", "update_configs"]
 
 
 def _per_input(values: Sequence[float], channels: Sequence[int]) -> tuple[float, ...]:
@@ -155,11 +155,7 @@ def _transformers_calls(model: nn.Module, dtype: torch.dtype) -> list[Call]:
         size = (size, size)
     else:
         return []
-    try:
-        takes = "pixel_values" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        takes = False
-    if not takes or not all(type(s) is int and s > 0 for s in size):
+    if "pixel_values" not in _forward_parameters(model) or not all(type(s) is int and s > 0 for s in size):
         return []
     x = torch.empty(1, config.num_channels, *size, dtype=dtype, device="meta")
     return [Call((), {"pixel_values": x}, "pixel_values")]
@@ -168,21 +164,32 @@ def _transformers_calls(model: nn.Module, dtype: torch.dtype) -> list[Call]:
 def config_calls(model: nn.Module, dtype: torch.dtype) -> list[Call]:
     """Example calls a known config describes (meta tensors), or none.
 
-    A diffusers UNet: ``sample`` of ``(1, in_channels, sample_size, sample_size)``, a
-    ``timestep`` and, for a conditional one, ``encoder_hidden_states`` of one token. A
-    transformers vision model with ``config.image_size``: ``pixel_values`` of
-    ``(1, num_channels, H, W)``.
+    A diffusers model whose forward takes ``sample``: ``sample`` of ``(1, in_channels,
+    sample_size, sample_size)``, and the ``timestep`` and (with ``cross_attention_dim``)
+    ``encoder_hidden_states`` of one token that a UNet's forward takes; a VAE
+    (``AutoencoderKL``) gets the ``sample`` alone. A transformers vision model with
+    ``config.image_size``: ``pixel_values`` of ``(1, num_channels, H, W)``.
     """
     if _transformers_config(model) is not None:
         return _transformers_calls(model, dtype)
     config = _diffusers_config(model)
-    if config is None or config.get("sample_size") is None:
+    takes = _forward_parameters(model)
+    if config is None or config.get("sample_size") is None or "sample" not in takes:
         return []
     size = config["sample_size"]
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    kwargs: dict[str, Any] = {"sample": torch.empty(1, config["in_channels"], *size, dtype=dtype, device="meta"),
-                              "timestep": torch.tensor([1], device="meta")}
+    kwargs: dict[str, Any] = {"sample": torch.empty(1, config["in_channels"], *size, dtype=dtype, device="meta")}
+    if "timestep" in takes:
+        kwargs["timestep"] = torch.tensor([1], device="meta")
     dim = config.get("cross_attention_dim")
-    if isinstance(dim, int):
+    if isinstance(dim, int) and "encoder_hidden_states" in takes:
         kwargs["encoder_hidden_states"] = torch.empty(1, 1, dim, dtype=dtype, device="meta")
     return [Call((), kwargs, "sample")]
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    """The parameter names of ``model.forward`` (none if its signature cannot be read)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -232,23 +232,36 @@ def _swapped(swaps: list[Swap], attrs: dict[int, dict[str, Any]]) -> Iterator[Sn
     ``attrs[id(module)]`` set (a widened layer's ``in_channels`` and ``groups``).
     Afterwards each module's attributes are exactly what they were (the very same
     objects): the parameter, buffer and submodule dicts, and any plain attribute a
-    forward set or replaced, such as a cached tensor. Yields each module's ``__dict__``
-    with a copy of it as the call begins."""
+    forward set or replaced, such as a cached tensor, and the contents of its hook dicts
+    (transformers registers output-capturing hooks on a model's first forward and sets a
+    flag that they are there: both are put back). Yields each module's ``__dict__`` with
+    a copy of it as the call begins."""
     saved = []
     began = []
     try:
         for module, params, buffers in swaps:
             state = module.__dict__
-            saved.append((state, state.copy()))
+            hooks = {name: dict(state[name]) for name in _HOOKS if isinstance(state.get(name), dict)}
+            saved.append((state, state.copy(), hooks))
             state["_parameters"], state["_buffers"] = params, buffers
             state["_modules"] = dict(state["_modules"])  # a submodule registered in forward is dropped
             state.update(attrs.get(id(module), {}))
             began.append((state, state.copy()))
         yield began
     finally:
-        for state, before in saved:
+        for state, before, hooks in saved:
             state.clear()
             state.update(before)
+            for name, contents in hooks.items():
+                if state[name] != contents:  # a hook the forward added or removed
+                    state[name].clear()
+                    state[name].update(contents)
+
+
+#: A module's hook dicts: added to in place by a forward that registers hooks.
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+          "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 class Stop(BaseException):
