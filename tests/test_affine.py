@@ -124,5 +124,5 @@ def test_per_channel_operands_that_cannot_be_widened_are_refused():
             y = self.conv((x - self.mean) / self.std)
             return self.head(torch.cat([y[:, :3] * self.std, y[:, 3:]], 1))
 
-    with pytest.raises(InexactError, match=r"'.std' is applied to the input channel by channel and also read"):
+    with pytest.raises(InexactError, match=r"'std' is applied to the input channel by channel and also read"):
         find_input_layers(SharedStats(), X)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
-from inflate import InflateError, find_input_layers
+from inflate import InflateError, find_input_layers, inflate_first_conv
 from inflate._discovery import discover
 
 from . import models
@@ -97,13 +97,57 @@ def test_lazy_modules_are_refused():
         find_input_layers(nn.Sequential(nn.LazyConv2d(4, 3)), X)
 
 
-def test_torchvision_transform_input_is_refused():
+@pytest.mark.parametrize("builder", ["googlenet", "inception_v3"])
+def test_torchvision_transform_input_is_widened_per_input(builder, tmp_path):
+    """GoogLeNet and Inception v3 re-normalise channels 0, 1, 2 one by one in code: rewritten
+    into an equal per-channel affine read from two lists, bit for bit the original, whose
+    lists are then widened per input. Both rules exact in float64; the rewritten model
+    saves and loads whole; the original class, inflated by hand, cannot read 6 channels."""
     torchvision = pytest.importorskip("torchvision")
-    net = torchvision.models.googlenet(init_weights=False, aux_logits=False, transform_input=True)
-    with pytest.raises(InflateError, match="indexing into the channel axis"):
-        find_input_layers(net, torch.zeros(2, 3, 64, 64))
-    net.transform_input = False
-    assert find_input_layers(net, torch.zeros(2, 3, 64, 64)) == ["conv1.conv"]
+    size = 75 if builder == "inception_v3" else 32
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, builder)(init_weights=True, aux_logits=False, transform_input=True).double()
+    net.eval()
+    x1, x2 = torch.rand(2, 2, 3, size, size, dtype=torch.float64)
+    with torch.no_grad():
+        before = net(x1)
+    stem = find_input_layers(net, x1)
+    assert len(stem) == 1 and type(net).__name__ in ("GoogLeNet", "Inception3")  # finding changes nothing
+    zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=x1)
+    assert isinstance(zero, type(net)) and type(zero).__name__.startswith("PerInput")
+    assert zero.input_scale == [0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5] * 2
+    assert set(zero.state_dict()) == set(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(zero(torch.cat([x1, x2], 1)), before)  # the extra channels add exact zeros
+    rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=x1)
+    with torch.no_grad():
+        # two halves summed differ from the original sum by an ulp, which ~100 layers amplify
+        # (2e-11 relative seen on Inception v3); a wrong stem or transform is off by order 1
+        torch.testing.assert_close(rep(torch.cat([x1, x1], 1)), before, rtol=1e-9, atol=1e-9 * before.abs().max())
+    torch.save(zero, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.cat([x1, x2], 1)), before)
+    # negative control: the stem widened by hand, the class left as it was
+    by_hand = copy.deepcopy(zero)
+    by_hand.__class__ = type(net)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        by_hand(torch.cat([x1, x2], 1))
+
+
+def test_the_rewritten_input_transform_is_the_original_bit_for_bit():
+    torchvision = pytest.importorskip("torchvision")
+    from inflate._rewrites import find, rewritten
+
+    net = torchvision.models.googlenet(init_weights=True, aux_logits=False, transform_input=True).eval()
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 3, 16, 16, dtype=dtype)
+        with torch.no_grad():
+            expected = net._transform_input(x)
+            with rewritten(find(net)):
+                got = net._transform_input(x)
+        assert torch.equal(got, expected) and not torch.equal(x, expected)
+    assert type(net).__name__ == "GoogLeNet" and not hasattr(net, "input_scale")  # put back
 
 
 def test_data_dependent_models_fall_back_to_one_real_run():

@@ -95,6 +95,23 @@ def _stored_count(self, x):  # the count goes into an attribute and comes back a
     return x * (1.0 / self.count)
 
 
+def _copy_into_some_channels(self, x):  # a blank with a fixed 4 channels: the input fills only some
+    buf = x.new_zeros(x.shape[0], 4, *x.shape[2:])
+    buf[:, : x.shape[1]].copy_(x)
+    return buf[:, :3]
+
+
+def _stale_view(self, x):  # a view of the blank taken before the input is copied in: it holds the input
+    buf = x.new_zeros(x.shape)
+    early = buf[:, :]
+    buf.copy_(x)
+    return buf * early.mean(1, keepdim=True)  # a mean over the channels, through the untagged view
+
+
+def _filled_from_input(self, x):  # a blank whose one value is computed from the input
+    return x + torch.full(x.shape, x.mean(), dtype=x.dtype)
+
+
 REFUSED = {
     "branch on input values": (_branch, r"Tensor.__bool__ in '<root>' \(Net\) turns input-derived values"),
     "item() as a scale": (_item_scale, r"Tensor.item in '<root>' \(Net\) turns input-derived values"),
@@ -111,6 +128,10 @@ REFUSED = {
     "the model's own channel check": (_rgb_only, r"the inflated model cannot read its new input of shape \(2, 6, 8, 8\): "
                                                  r"'<root>' \(Net\) raised ValueError: expects RGB"),
     "count kept in an attribute": (_stored_count, r"gets 0.333\d* on the original model and 0.166\d* on the "),
+    "copy into some channels of a blank": (_copy_into_some_channels, r"after a copy of the input into some "
+                                                                     r"channels of another tensor"),
+    "filled with an input-derived value": (_filled_from_input, r"after full filled with an input-derived value"),
+    "a view taken before the copy": (_stale_view, r"after a view taken before the input was copied into its tensor"),
 }
 
 
@@ -189,7 +210,21 @@ def _slice_by_count(self, x):  # a slice sized by the channel count takes every 
     return x[:, : x.shape[1]] * 2
 
 
-ACCEPTED = {"unpacked shape": _unpack_shape, "slice by channel count": _slice_by_count, "spatial in-place": _spatial_inplace,
+def _padded_batch(self, x):  # torchvision's batch_images: a blank sized from the input, each image copied in
+    b, c, h, w = x.shape
+    batch = x.new_full((b, c, h + 2, w + 3), 0)
+    for i in range(b):
+        batch[i, :c, :h, :w].copy_(x[i])
+    return batch
+
+
+def _unfolded_patches(self, x):  # TNT's pixel embedding: im2col, then each patch as a small image
+    b, c, h, w = x.shape
+    patches = torch.nn.functional.unfold(x, kernel_size=4, stride=4)  # (B, C*16, L)
+    return patches.transpose(1, 2).reshape(-1, c, 4, 4)
+
+
+ACCEPTED = {"unfolded patches": _unfolded_patches, "padded batch": _padded_batch, "unpacked shape": _unpack_shape, "slice by channel count": _slice_by_count, "spatial in-place": _spatial_inplace,
             "reshape by channel count": _view_by_count, "keyword transpose": _keyword_transpose,
             "branch on a weight": _weight_branch}
 
@@ -368,3 +403,50 @@ def test_copy_is_followed_like_its_out_of_place_form():
     assert_zero_inflation_equivalent(net, zero, [x1, x2], compare_at=["conv"], rtol=1e-12)
     with pytest.raises(InexactError, match=r"per-channel operand of shape \(1, 3, 1, 1\)"):
         inflate_first_conv(Net(_copy_per_channel).double(), 2, example_input=X)
+
+
+class _ListNormalised(nn.Module):
+    """torchvision's detection transform: the mean and std are Python lists on the module."""
+
+    def __init__(self, reuse=False):
+        super().__init__()
+        self.mean, self.std, self.reuse = [0.5, 0.4, 0.3], (0.2, 0.25, 0.3), reuse
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        mean = torch.as_tensor(self.mean, dtype=x.dtype)
+        x = (x - mean[:, None, None]) / torch.as_tensor(self.std, dtype=x.dtype)[:, None, None]
+        out = self.conv(x)
+        if self.reuse:  # the same list read again, not channel by channel: a second use
+            out = out * torch.as_tensor(self.mean, dtype=x.dtype).sum()
+        return out
+
+
+def test_a_list_of_channel_values_on_a_module_is_widened_per_input():
+    net = _ListNormalised().double().eval()
+    x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
+    zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=X)
+    rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=X)
+    assert zero.mean == [0.5, 0.4, 0.3] * 2 and zero.std == (0.2, 0.25, 0.3) * 2  # the type is kept
+    assert_zero_inflation_equivalent(net, zero, [x1, x2], compare_at=["conv"], rtol=1e-12)
+    assert_repeat_equivalent(net, rep, x1, 2, compare_at=["conv"], rtol=1e-12)
+    mixed = inflate_first_conv(copy.deepcopy(net), 2, channels=[3, 1], example_input=X)
+    assert mixed.mean == pytest.approx([0.5, 0.4, 0.3, 0.4])  # another count: the mean, as timm's configs
+    # negative control: the conv widened by hand, the lists left alone: the model cannot read 6 channels
+    by_hand = copy.deepcopy(zero)
+    by_hand.mean, by_hand.std = net.mean, net.std
+    with pytest.raises(RuntimeError):
+        by_hand(torch.cat([x1, x2], 1))
+
+
+def test_a_list_of_channel_values_also_read_elsewhere_is_refused():
+    net = _ListNormalised(reuse=True).double().eval()
+    with pytest.raises(InexactError, match=r"'mean' is applied to the input channel by channel and also"):
+        inflate_first_conv(net, 2, init="zero", example_input=X)
+    assert net.mean == [0.5, 0.4, 0.3] and net.conv.in_channels == 3
+    # negative control: widened per input anyway, the second use sums six values instead of three
+    wide = inflate_first_conv(_ListNormalised().double().eval(), 2, init="zero", example_input=X)
+    wide.reuse = True
+    x1, x2 = torch.randn(2, 2, 3, 8, 8, dtype=D)
+    with pytest.raises(AssertionError):
+        assert_zero_inflation_equivalent(net, wide, [x1, x2], rtol=1e-6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from inflate import InexactError, InflateError, find_input_layers, inflate_first_conv
+from inflate import InexactError, find_input_layers, inflate_first_conv
 from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
 
 T = pytest.importorskip("transformers")
@@ -154,13 +154,38 @@ def test_a_config_that_would_not_rebuild_the_inflated_model_is_refused():
     assert model.config.num_channels == 3 and model.vit.embeddings.patch_embeddings.num_channels == 3
 
 
-def test_weight_standardized_stems_are_refused():
-    """BiT standardizes its stem weight in the forward: no widening of the stored weight is exact."""
+@pytest.mark.parametrize("padding", ["SAME", None])
+def test_a_weight_standardized_stem_is_exact_but_refused_where_from_pretrained_would_rebuild_it(padding, tmp_path):
+    """BiT standardizes its stem weight in the forward. Widened, the stem standardizes each
+    input's block on its own (inflate._standardized): exact under both rules, shown on the bare
+    embedder. The whole BitModel is refused, untouched: save_pretrained/from_pretrained would
+    rebuild a plain ``N*C``-channel WeightStandardizedConv2d, which standardizes over the whole
+    fan-in -- the negative control below builds exactly that and shows it differs."""
     torch.manual_seed(0)
-    model = T.BitModel(T.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2)).double()
-    with pytest.raises(InflateError, match="weight standardization"):
-        inflate_first_conv(model, 2, example_input={"pixel_values": torch.randn(1, 3, 32, 32, dtype=D)})
-    assert model.config.num_channels == 3
+    config = T.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_groups=2, global_padding=padding)
+    model = T.BitModel(config).double().eval()
+    example = {"pixel_values": torch.randn(1, 3, 32, 32, dtype=D)}
+    stem = model.embedder.convolution
+    with pytest.raises(InexactError, match=r"'embedder.convolution' \(WeightStandardizedConv2d\) would standardize "
+                                           r"each input's block.*BitModel.from_pretrained"):
+        inflate_first_conv(model, 2, init="zero", example_input=example)
+    assert model.config.num_channels == 3 and model.embedder.convolution is stem and stem.in_channels == 3
+
+    x1, x2 = torch.randn(2, 1, 3, 32, 32, dtype=D)
+    zero = inflate_first_conv(copy.deepcopy(stem), 2, init="zero", example_input=x1)  # the bare layer
+    rep = inflate_first_conv(copy.deepcopy(stem), 2, init="repeat", example_input=x1)
+    assert isinstance(zero, T.models.bit.modeling_bit.WeightStandardizedConv2d)
+    assert_zero_inflation_equivalent(stem, zero, [x1, x2], rtol=RTOL)
+    assert_repeat_equivalent(stem, rep, x1, 2, rtol=RTOL)
+
+    # negative control: what from_pretrained would give -- the inflated weights in a plain 6-channel BiT
+    wide = copy.deepcopy(model)
+    wide.embedder.convolution, wide.embedder.num_channels, wide.config.num_channels = zero, 6, 6
+    wide.save_pretrained(tmp_path)
+    plain = T.BitModel.from_pretrained(tmp_path).double().eval()
+    x = torch.cat([x1, x2], 1)
+    with torch.no_grad():
+        assert not torch.allclose(_Out(plain)(x), _Out(wide)(x), rtol=1e-3)
 
 
 def test_discovery_leaves_a_model_that_never_ran_as_it_was():

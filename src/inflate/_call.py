@@ -4,7 +4,9 @@
 dict of keyword arguments, as :func:`torch.export.export` takes ``args`` and ``kwargs``.
 The input to inflate is the first tensor argument unless ``input_arg`` names it, by
 position (an ``int``) or by keyword (a ``str``): a diffusers UNet is called with
-``{"sample": x, "timestep": t}`` and ``input_arg="sample"``.
+``{"sample": x, "timestep": t}`` and ``input_arg="sample"``. The input is one tensor
+``(B, C, ...)``, or a list of images ``(C, H, W)`` as torchvision's detection models
+take (channels on axis 0 of each).
 """
 
 from __future__ import annotations
@@ -38,11 +40,33 @@ class Call:
     key: Union[int, str] = 0
 
     @property
-    def input(self) -> Tensor:
-        """The tensor to inflate."""
+    def input(self) -> Any:
+        """The argument to inflate: a tensor, or a list of image tensors."""
         return self.args[self.key] if isinstance(self.key, int) else self.kwargs[self.key]
 
-    def with_input(self, x: Tensor) -> Call:
+    @property
+    def images(self) -> list[Tensor]:
+        """The tensors that carry the channels: the input, or each image of a list input."""
+        x = self.input
+        return [x] if isinstance(x, Tensor) else list(x)
+
+    @property
+    def channel_axis(self) -> int:
+        """Axis of the channels in each of :attr:`images`: 1 of ``(B, C, ...)``, 0 of ``(C, H, W)``."""
+        return 1 if isinstance(self.input, Tensor) else 0
+
+    @property
+    def channels(self) -> int:
+        """``C``, the channel count of the input."""
+        return int(self.images[0].shape[self.channel_axis])
+
+    @property
+    def shape(self) -> Any:
+        """The input's shape, or the list of its images' shapes, for messages."""
+        x = self.input
+        return tuple(x.shape) if isinstance(x, Tensor) else [tuple(t.shape) for t in x]
+
+    def with_input(self, x: Any) -> Call:
         """The same call with ``x`` in place of the input."""
         if isinstance(self.key, int):
             return Call(self.args[: self.key] + (x,) + self.args[self.key + 1 :], self.kwargs, self.key)
@@ -78,7 +102,7 @@ def as_call(example_input: Any, input_arg: Any = None) -> Call:
                            f"keyword arguments, got {type(example_input).__name__}")
     if input_arg is None:
         keys = [*range(len(call.args)), *call.kwargs]
-        key = next((k for k in keys if isinstance(Call(call.args, call.kwargs, k).input, Tensor)), None)
+        key = next((k for k in keys if _is_input(Call(call.args, call.kwargs, k).input)), None)
         if key is None:
             raise InflateError("example_input: expected at least one tensor argument to inflate, got none")
         return Call(call.args, call.kwargs, key)
@@ -87,8 +111,13 @@ def as_call(example_input: Any, input_arg: Any = None) -> Call:
         x = located.input
     except (IndexError, KeyError):
         x = None
-    if not isinstance(x, Tensor):
+    if not _is_input(x):
         where = f"position {input_arg}" if isinstance(input_arg, int) else f"keyword {input_arg!r}"
-        raise InflateError(f"input_arg: expected the {where} of example_input to hold a tensor, got "
-                           f"{type(x).__name__}")
+        raise InflateError(f"input_arg: expected the {where} of example_input to hold a tensor or a list of "
+                           f"image tensors, got {type(x).__name__}")
     return located
+
+
+def _is_input(x: Any) -> bool:
+    """A tensor, or a non-empty list of image tensors ``(C, H, W)`` (torchvision detection)."""
+    return isinstance(x, Tensor) or type(x) is list and bool(x) and all(isinstance(t, Tensor) for t in x)

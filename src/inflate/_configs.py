@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _standardized as standardized
 from ._call import Call
 from ._errors import InexactError
 
@@ -104,6 +105,14 @@ def config_attrs(model: nn.Module, channels: Sequence[int],
 
 
 def _check_rebuild(model: nn.Module, config: Any, total: int, weights: Mapping[int, torch.Tensor]) -> None:
+    """Refuse an inflation that ``from_pretrained`` of the saved model would not rebuild."""
+    for name, module in model.named_modules():
+        if standardized.known(module) and id(module.weight) in weights:
+            raise InexactError(
+                f"layer '{name}' ({type(module).__name__}) would standardize each input's block of its weight on its "
+                f"own, which {type(module).__name__} cannot express: {type(model).__name__}.from_pretrained of the "
+                f"saved model would build a layer standardizing over all {total} channels, a different model (the "
+                "widened layer itself is exact: timm models, whose layers are not rebuilt from a config, keep it)")
     new = copy.deepcopy(config)
     new.num_channels = total
     try:

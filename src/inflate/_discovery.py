@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from numbers import Real
+from typing import Any, Callable, Hashable
 
+import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
+from . import _rewrites as rewriting
 from ._call import Call, Example
 from ._errors import InexactError
 from . import _tags as tags
@@ -130,12 +133,17 @@ class _InputTracer(Tracer):
         self.contained = True  # every such call returned tensors only and set no attribute
         self.resume = 0  # steps recorded when the last such call returned
         self.derived: dict[int, tuple[Tensor, Tensor]] = {}  # views of parameters and buffers -> their root
-        self.operands: dict[int, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root
-        self.plain_uses: set[int] = set()  # roots read by operations that do not involve the input
+        self.operands: dict[Hashable, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root key
+        self.plain_uses: set[Hashable] = set()  # keys of roots read by operations that do not involve the input
+        self.list_roots: dict[int, tuple[Tensor, tuple[str, str]]] = {}  # tensors made of a module's list
+        self.blanks: dict[int, list[Tensor]] = {}  # storage of a blank tensor -> it and its untagged views
+        self.views: dict[int, tuple[Tensor, Tensor, Any]] = {}  # blank[index] -> (it, blank, index)
+        self.pending: list[tuple[int, int, Tensor]] = []  # (step, output) untagged as made: tag at the end
 
-    def start(self, x: Tensor) -> None:
-        self.channels = int(x.shape[1])
-        self.mark(x, Channels(1))
+    def start(self, call: Call) -> None:
+        self.channels = call.channels
+        for x in call.images:
+            self.mark(x, Channels(call.channel_axis))
 
     def finish(self, out: Any) -> None:
         for t in ops.tensors(out):
@@ -173,26 +181,92 @@ class _InputTracer(Tracer):
             if len(self.stack) <= 1:
                 self.contained = False  # read by the root module's forward, which runs to the end
             self.read_depths.add(len(self.stack))
-        return op, operands, tagged, widened
+        owner = self._list_owner(func, args) if func in _FROM_DATA else None
+        return op, operands, tagged, widened or owner is not None, owner
+
+    def _list_owner(self, func: Callable[..., Any], args: Any) -> tuple[str, str] | None:
+        """The module attribute that holds the list ``torch.as_tensor(values)`` reads, if it is
+        ``C`` numbers (torchvision's ``image_mean``): a per-channel root like a buffer."""
+        values = args[0] if args else None
+        if type(values) not in (list, tuple) or len(values) != self.channels \
+                or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+            return None
+        for module in reversed(self.objects):
+            attr = next((k for k, v in vars(module).items() if v is values), None)
+            if attr is not None:
+                return self.modules.get(id(module), "?"), attr
+        return None
 
     def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, seen: Any) -> None:
-        op, operands, tagged, widened = seen
+        op, operands, tagged, widened, owner = seen
         kind = op.kind if op is not None else None
+        if owner is not None and isinstance(out, Tensor):
+            self.list_roots[id(out)] = (out, owner)
         if tagged and kind not in ("size", "meta", "escape") and kind not in ops.CONSUMERS:
             self._follow(op, func, args, kwargs, out, operands)
         self._lineage(kind, operands, tagged, out)
+        results = ops.tensors(out)
+        self._blank(kind, args, operands, results)
+        for i, t in enumerate(results):
+            if self.tag(t) is None and _storage(t) in self.blanks:
+                self.pending.append((len(self.steps), i, t))
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
-                               [(tuple(t.shape), self._tag_or_root(t)) for t in ops.tensors(out)], kind, widened,
+                               [(tuple(t.shape), self._tag_or_root(t)) for t in results], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
 
-    def _tag_or_root(self, t: Tensor) -> Tag | int | None:
+    def _blank(self, kind: str | None, args: Any, operands: list[Tensor], results: list[Tensor]) -> None:
+        """Follow blank tensors (``new_full``, ``torch.zeros``: one value everywhere) and their
+        untagged views, into which the input may be copied (a padded batch of images)."""
+        if kind == "new" and len(results) == 1:
+            key = _storage(results[0])
+            if key is not None and self.tag(results[0]) is None:
+                self.blanks[key] = [results[0]]
+            return
+        for t in results:
+            key = _storage(t)
+            if key in self.blanks and self.tag(t) is None and all(t is not v for v in self.blanks[key]):
+                self.blanks[key].append(t)
+                if kind == "index" and operands and operands[0] is self.blanks[key][0]:
+                    self.views[id(t)] = (t, operands[0], args[1])
+
+    def _fill_blank(self, view: Tensor, tag: Channels) -> None:
+        """The input was copied into ``view`` of a blank tensor: the blank holds the channel
+        block where ``view`` spans its whole axis; views of it taken before are lost."""
+        members = self.blanks[_storage(view)]
+        blank = members[0]
+        entry = self.views.get(id(view))
+        if view is blank:
+            blank_tag: Tag = tag
+        elif entry is not None and entry[0] is view and tag.outer == tag.inner == 1:
+            index = entry[2]
+            dims = [d for d in range(blank.ndim) if tags.getitem_dim(blank, index, Channels(d)) == tag.dim]
+            blank_tag = Channels(dims[0]) if len(dims) == 1 else \
+                Lost(f"a copy of the input into some channels of another tensor{self.where()}")
+        else:
+            blank_tag = Lost(f"a copy of the input into a view inflate cannot place in its base{self.where()}")
+        was = self.tag(blank)
+        if was is not None and was != blank_tag:
+            blank_tag = Lost(f"copies of the input into one tensor in two layouts{self.where()}")
+        self.mark(blank, blank_tag)
+        stale = Lost(f"a view taken before the input was copied into its tensor{self.where()}")
+        for other in members[1:]:
+            if other is not view and self.tag(other) is None:
+                self.mark(other, stale)
+
+    def _key(self, root: Tensor) -> Hashable:
+        """What a root stands for: its id, or for tensors made of a module's list, that
+        attribute (each ``torch.as_tensor(self.image_mean)`` is a new tensor of one list)."""
+        listed = self.list_roots.get(id(root))
+        return ("list", *listed[1]) if listed is not None and listed[0] is root else id(root)
+
+    def _tag_or_root(self, t: Tensor) -> Tag | Hashable | None:
         """What the replay needs of an output: its tag, else the id of the parameter or buffer
         it is a view of (its shape changes if that one is widened per input)."""
         tag = self.tag(t)
         if tag is not None:
             return tag
         root = self._root(t)
-        return id(root) if root is not None else None
+        return self._key(root) if root is not None else None
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         """A module call that read a size of the input has returned: the size stayed inside it
@@ -216,6 +290,9 @@ class _InputTracer(Tracer):
         """The parameter or buffer stand-in ``t`` is, or is a view or cast of."""
         if id(t) in self.owners or id(t) in self.buffer_owners:
             return t
+        listed = self.list_roots.get(id(t))
+        if listed is not None and listed[0] is t:
+            return t
         entry = self.derived.get(id(t))
         return entry[1] if entry is not None and entry[0] is t else None
 
@@ -232,7 +309,7 @@ class _InputTracer(Tracer):
             self.derived[id(results[0])] = (results[0], self._root(src))
             return
         if not tagged:
-            self.plain_uses.update(id(r) for r in roots)
+            self.plain_uses.update(self._key(r) for r in roots)
 
     def _per_channel(self, t: Tensor, axis: int) -> bool:
         """Accept (and record) ``t`` as a per-channel operand of the input if it is a
@@ -241,11 +318,12 @@ class _InputTracer(Tracer):
         if root is None:
             return False
         axes = [d for d, size in enumerate(root.shape) if size == self.channels]
-        entries = self.owners.get(id(root)) or self.buffer_owners.get(id(root)) or []
+        listed = self.list_roots.get(id(root))
+        entries = self.owners.get(id(root)) or self.buffer_owners.get(id(root)) or ([listed[1]] if listed else [])
         if len(axes) != 1 or len(entries) != 1:
             return False
         name, attr = entries[0]
-        self.operands.setdefault(id(root), (root, PerChannelOperand(name, attr, axes[0])))
+        self.operands.setdefault(self._key(root), (root, PerChannelOperand(name, attr, axes[0])))
         return True
 
     def _follow(self, op: ops.Op | None, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any,
@@ -266,6 +344,10 @@ class _InputTracer(Tracer):
                 self.mark(out, tag)
             return
         was = self.tag(mutated)
+        if was is None and isinstance(tag, Channels) and _storage(mutated) in self.blanks:
+            self.mark(mutated, tag)
+            self._fill_blank(mutated, tag)
+            return
         if tag is not None:
             self.mark(mutated, tag)
         if isinstance(tag, Channels) and was == tag:
@@ -283,6 +365,9 @@ class _InputTracer(Tracer):
         x = ops.arg(args, kwargs, 0, "input")
         weight = ops.arg(args, kwargs, 1, "weight")
         owners = self.owners.get(id(weight), [])
+        standardized = self.computed_by(weight)  # a known weight-standardized conv: widened per input
+        if standardized is not None:
+            owners = self.owners.get(id(standardized.weight), [])
         tag = self.tag(x)
         if tag is None:
             self.elsewhere.update(o[0] for o in owners)
@@ -317,7 +402,14 @@ class _InputTracer(Tracer):
         return True
 
 
+#: Functions that build a tensor from Python data: from a module's list of ``C`` numbers, a root.
+_FROM_DATA = frozenset((torch.as_tensor, torch.tensor))
 _LINEAGE = ("reshape", "permute", "index", "expand", "dtype", "data", "pointwise")
+
+
+def _is_key(mark: Any) -> bool:
+    """A root's key in a step's outputs, rather than a tag or nothing."""
+    return mark is not None and not isinstance(mark, (Channels, Lost))
 
 
 def _only_tensors(tree: Any) -> bool:
@@ -335,17 +427,24 @@ def discover(model: nn.Module, example_input: Example | None = None, input_arg: 
     """
     model = unwrap(model)
     tracer = trace(model, example_input, _InputTracer, input_arg=input_arg, stack=True)
+    operands = list(dict.fromkeys(operand for _, operand in tracer.operands.values()))
     found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
-                      tracer.call, [operand for _, operand in tracer.operands.values()])
+                      tracer.call, operands)
+    for i, pos, t in tracer.pending:  # blank tensors the input was copied into: C wide in their sizes
+        tag = tracer.tag(t)
+        if tag is not None:
+            outs = list(found.steps[i].outs)
+            outs[pos] = (outs[pos][0], tag)
+            found.steps[i] = dataclasses.replace(found.steps[i], outs=outs)
     widened = set(tracer.operands)  # views of widened operands: their shapes are the replay's to find out
     for i, step in enumerate(found.steps):
-        if any(isinstance(mark, int) for _, mark in step.outs):
+        if any(_is_key(mark) for _, mark in step.outs):
             outs = [(shape, Lost("a view of a per-channel operand") if mark in widened else None)
-                    if isinstance(mark, int) else (shape, mark) for shape, mark in step.outs]
+                    if _is_key(mark) else (shape, mark) for shape, mark in step.outs]
             found.steps[i] = dataclasses.replace(step, outs=outs)
     for key, (_, operand) in tracer.operands.items():
         if key in tracer.plain_uses:
-            found.problems.append(f"'{operand.name}.{operand.attr}' is applied to the input channel by channel and "
+            found.problems.append(f"'{operand.name + '.' if operand.name else ''}{operand.attr}' is applied to the input channel by channel and "
                                   "also read by other operations: widening it per input would break those")
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
@@ -390,7 +489,8 @@ def find_input_layers(model: nn.Module, example_input: Example | None = None, *,
         >>> find_input_layers(TwoBranch())
         ['a', 'b']
     """
-    found = discover(model, example_input, input_arg)
+    with rewriting.rewritten(rewriting.find(unwrap(model))):
+        found = discover(model, example_input, input_arg)
     found.raise_problems()
     return [layer.name for layer in found.layers]
 

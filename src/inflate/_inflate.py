@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
+from . import _rewrites as rewriting
 from . import _surgery as surgery
 from ._call import Example, as_call
 from ._discovery import Discovery, InputLayer, discover
@@ -153,9 +156,9 @@ def inflate_first_conv(
     Raises:
         InflateError: invalid arguments. Its subclasses: :class:`~inflate.TraceError`,
             the model could not run on the example input; :class:`~inflate.InexactError`,
-            a layer cannot be widened exactly (weight standardization, channel-specific
-            input transforms, input values read into Python, a computation that depends
-            on the channel count) or the inflated model would not run. The model is
+            a layer cannot be widened exactly (weight norm, a weight-standardized conv of
+            a class inflate does not know, channel-specific input transforms, input values
+            read into Python, a computation that depends on the channel count) or the inflated model would not run. The model is
             then unchanged.
 
     Example:
@@ -171,18 +174,27 @@ def inflate_first_conv(
     """
     _validate(num_inputs, init, scale, channels, input_layers, example_input, input_arg)
     target = unwrap(model)
-    layers, found = _input_layers(target, input_layers, example_input, input_arg)
-    c = layers[0].channels
-    counts = tuple(channels) if channels is not None else (c,) * num_inputs
-    changes = surgery.plan(target, layers, counts, init, scale)
-    if found is not None:
-        changes += [surgery.plan_operand(target, operand, counts) for operand in found.operands]
-    weights = {id(getattr(ch.module, ch.attr)): ch.weight for ch in changes}
-    attrs = {id(ch.module): dict(ch.attrs) for ch in changes}
-    for key, extra in config_attrs(target, counts, weights).items():  # attributes that gate the forward
-        attrs[key] = {**attrs.get(key, {}), **extra}
-    if found is not None:
-        verify(target, found, Plan(weights, attrs), counts)
+    rewrites = rewriting.find(target)  # forwards that index channels in code, in an equal form
+    with rewriting.rewritten(rewrites):
+        layers, found = _input_layers(target, input_layers, example_input, input_arg)
+        c = layers[0].channels
+        counts = tuple(channels) if channels is not None else (c,) * num_inputs
+        changes = surgery.plan(target, layers, counts, init, scale)
+        if found is not None:
+            changes += [surgery.plan_operand(target, operand, counts) for operand in found.operands]
+        weights = {id(getattr(ch.module, ch.attr)): ch.weight for ch in changes
+                   if isinstance(ch.weight, torch.Tensor)}
+        attrs: dict[int, dict[str, Any]] = {}
+        for ch in changes:
+            extra = {**ch.attrs, **ch.stand_in} if isinstance(ch.weight, torch.Tensor) else \
+                {**ch.attrs, ch.attr: ch.weight}
+            attrs[id(ch.module)] = {**attrs.get(id(ch.module), {}), **extra}
+        for key, extra in config_attrs(target, counts, weights).items():  # attributes that gate the forward
+            attrs[key] = {**attrs.get(key, {}), **extra}
+        if found is not None:
+            verify(target, found, Plan(weights, attrs), counts)
+    if found is not None:  # traced and checked in the rewritten form: the form it keeps
+        rewriting.commit(rewrites)
     surgery.apply(changes)
     update_configs(target, counts)
     return model

@@ -46,7 +46,8 @@ _KINDS: dict[str, str] = {
     "copy": "copy",  # dst.copy_(src): dst holds src, broadcast
     "dtype": "to type type_as",  # other tensor operands describe only the dtype or device
     "fresh": "zeros_like ones_like empty_like full_like rand_like randn_like randint_like",  # shaped like it
-    "new": "new_zeros new_ones new_empty new_full new_tensor",  # sizes from Python: no data flows
+    # sizes from Python: no data flows (a blank the input may later be copied into)
+    "new": "new_zeros new_ones new_empty new_full new_tensor zeros ones empty full",
     "spatial": """max_pool1d max_pool2d max_pool3d max_pool1d_with_indices max_pool2d_with_indices
         max_pool3d_with_indices avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d
         adaptive_avg_pool3d adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d
@@ -63,6 +64,7 @@ _KINDS: dict[str, str] = {
     "reduce": "sum mean nansum nanmean amax amin max min prod std var norm logsumexp any all argmax argmin median",
     "along": "softmax log_softmax cumsum cumprod flip",
     "shuffle": "pixel_shuffle pixel_unshuffle",
+    "unfold": "unfold",  # F.unfold (im2col): each channel becomes K = kh*kw channels; Tensor.unfold: a window axis
     # known to combine the channels of one position (or to be channel-specific)
     # each channel normalised with its own statistics and its own affine: kept, the per-channel
     # tensors (running statistics, weight, bias) widened per input

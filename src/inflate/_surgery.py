@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import _standardized as standardized
 from ._discovery import InputLayer, PerChannelOperand
 from ._errors import InflateError
 from .rules import Init, from_canonical, inflate_kernel, to_canonical
@@ -23,8 +25,10 @@ class Change:
     name: str
     module: nn.Module
     attr: str
-    weight: torch.Tensor  # an nn.Parameter where the old one was
+    weight: Any  # an nn.Parameter where the old one was; a list where a list of numbers was
     attrs: dict[str, Any]
+    stand_in: dict[str, Any] = field(default_factory=dict)  # more attributes, for the replay only
+    finish: Callable[[], None] | None = None  # run by apply after the assignments; does not fail
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -52,13 +56,17 @@ def _plan_one(model: nn.Module, layer: InputLayer, channels: Sequence[int], init
     # a plain conv or linear weight (out, C, *k) is its canonical kernel but for two axes of
     # size 1: a named rule can work on it directly (a callable is promised the canonical form)
     plain = isinstance(init, str) and layout.kind != "transposed" and layout.groups == layout.outer == layout.inner == 1
+    std = standardized.known(module)  # a weight-standardized conv: standardized per input
     with torch.no_grad():
-        kernel = old.detach() if plain else to_canonical(old.detach(), layout)
+        if std:  # checks its layout first: a grouped weight has fewer channels
+            stored, shares = standardized.widen(module, label, layout, channels, init, scale)
+        kernel = old.detach() if plain or std else to_canonical(old.detach(), layout)
         if kernel.shape[1] != layer.channels:
             raise InflateError(f"{label}: expected {layer.channels} input channels in its weight, "
                                f"found {kernel.shape[1]} (weight shape {tuple(old.shape)})")
-        stored = inflate_kernel(kernel, channels, init, scale)
-        if not plain:
+        if not std:
+            stored = inflate_kernel(kernel, channels, init, scale)
+        if not plain and not std:
             stored = from_canonical(stored, layout)
         if stored.dtype != old.dtype or stored.device != old.device:
             stored = stored.to(dtype=old.dtype, device=old.device)
@@ -74,7 +82,11 @@ def _plan_one(model: nn.Module, layer: InputLayer, channels: Sequence[int], init
     else:
         attrs = {k: stored.shape[in_axis] for k in ("in_channels", "in_features")
                  if isinstance(getattr(module, k, None), int)}
-    return Change(layer.name, module, layer.param, nn.Parameter(stored, requires_grad=old.requires_grad), attrs)
+    weight = nn.Parameter(stored, requires_grad=old.requires_grad)
+    if std:
+        return Change(layer.name, module, layer.param, weight, attrs, standardized.stand_in(module, channels, shares),
+                      functools.partial(standardized.convert, module, channels, shares))
+    return Change(layer.name, module, layer.param, weight, attrs)
 
 
 def plan(
@@ -98,8 +110,13 @@ def plan_operand(model: nn.Module, operand: PerChannelOperand, channels: Sequenc
     """
     module = model.get_submodule(operand.name)
     old = getattr(module, operand.attr)
+    if type(old) in (list, tuple):  # torchvision's image_mean: a list of C numbers
+        c = len(old)
+        mean = sum(old) / c
+        values = [v for ci in channels for v in (old if ci == c else [mean] * ci)]
+        return Change(operand.name, module, operand.attr, type(old)(values), {})  # type: ignore[arg-type]
     if not isinstance(old, torch.Tensor):
-        raise InflateError(f"'{operand.name}.{operand.attr}': expected a tensor, got {type(old).__name__}")
+        raise InflateError(f"'{operand.name}.{operand.attr}': expected a tensor or a list, got {type(old).__name__}")
     c = old.shape[operand.axis]
     with torch.no_grad():
         mean = old.mean(operand.axis, keepdim=True) if any(ci != c for ci in channels) else None
@@ -118,3 +135,5 @@ def apply(changes: Sequence[Change]) -> None:
         setattr(change.module, change.attr, change.weight)
         for key, value in change.attrs.items():
             setattr(change.module, key, value)
+        if change.finish is not None:
+            change.finish()

@@ -178,8 +178,9 @@ def propagate(op: Op | None, func: Callable[..., Any], args: Sequence[Any], kwar
         return tag
     if kind == "fresh":  # values from nowhere, shaped like the input: its channel block, or nothing
         return tag if isinstance(tag, Channels) else None
-    if kind == "new":
-        return None
+    if kind == "new":  # x.new_full(size, v), torch.full(size, v): only a tensor ``v`` carries data
+        filled = any(lookup_tag(t) is not None for t in tensors((args[1:], kwargs)))
+        return Lost(f"{name} filled with an input-derived value") if filled else None
     operands = tensors((args, kwargs))
     tagged = [t for t in operands if lookup_tag(t) is not None]
     lost = [lookup_tag(t) for t in tagged if isinstance(lookup_tag(t), Lost)]
@@ -229,6 +230,8 @@ def _structural(kind: str, name: str, func: Callable[..., Any], args: Sequence[A
         if tag.inner % r2 == 0:
             return Channels(tag.dim, tag.outer, tag.inner // r2)
         return Lost("pixel_shuffle that mixes channels into space")
+    if kind == "unfold" and len(results) == 1:
+        return _unfolded(func, args, kwargs, src, tag, results[0])
     if kind == "split":
         dim = arg(args, kwargs, 1 if name == "unbind" else 2, "dim", 0) % src.ndim
         if dim == tag.dim:
@@ -246,6 +249,19 @@ def _structural(kind: str, name: str, func: Callable[..., Any], args: Sequence[A
     if kind == "mixes":
         return Lost(name)
     return Lost(f"{name} on the input")
+
+
+def _unfolded(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], src: Tensor, tag: Channels,
+              out: Tensor) -> Tag:
+    """``F.unfold`` (im2col, TNT's pixel embedding): channel ``c`` of ``(B, C, H, W)`` becomes
+    channels ``c*K .. c*K+K-1`` of ``(B, C*K, L)``, so the block keeps its place with ``inner``
+    times ``K``. ``Tensor.unfold(dim, size, step)``: windows along ``dim`` in a new last axis."""
+    if func is torch.Tensor.unfold:
+        dim = arg(args, kwargs, 1, "dimension") % src.ndim
+        return tag if dim != tag.dim else Lost("unfold along the channel axis")
+    if tag.dim != src.ndim - 3 or out.ndim != src.ndim - 1 or out.shape[tag.dim] % src.shape[tag.dim]:
+        return Lost("unfold of an axis that is not the channels of (B, C, H, W)")
+    return Channels(tag.dim, tag.outer, tag.inner * (out.shape[tag.dim] // src.shape[tag.dim]))
 
 
 _NORM_OPERANDS = ("running_mean", "running_var", "weight", "bias")

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from . import _ops as ops
+from . import _standardized as standardized
 from ._call import Call, Example, as_call
 from ._configs import config_calls
 from ._errors import InflateError, TraceError
@@ -59,6 +61,9 @@ class Tracer(TorchFunctionMode):
         self.owners = owners
         self.modules = modules
         self.stack: list[str] = []  # labels of the modules being called, innermost last
+        self.objects: list[nn.Module] = []  # the modules being called, innermost last
+        # id(weight-standardized conv being called) -> the tensors its weight is computed from, by id
+        self.computing: dict[int, dict[int, Tensor]] = {}
         self.failed_in: list[str] | None = None  # the stack where the model raised, if it did
         self.snapshots: Snapshots = []  # module __dict__s as the call began, and their copies
         self.call: Call | None = None  # the call as it ran (meta or real arguments)
@@ -71,36 +76,58 @@ class Tracer(TorchFunctionMode):
     def enter(self, module: nn.Module, args: Any) -> None:
         """Called as a module's forward begins (with ``stack=True``)."""
         self.stack.append(label(self.modules.get(id(module), "?"), module))
+        self.objects.append(module)
+        tensors = standardized.weight_tensors(module)
+        if tensors is not None:
+            self.computing[id(module)] = tensors
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
-        """Called as a module's forward returns or raises (with ``stack=True``)."""
+        """Called as a module's forward returns (with ``stack=True``)."""
         self.stack.pop()
+        self.objects.pop()
 
     def attributes_changed(self) -> bool:
         """Whether the forward so far set, replaced or deleted any module attribute."""
         return any(len(state) != len(snap) or any(state.get(k, _ABSENT) is not v for k, v in snap.items())
                    for state, snap in self.snapshots)
 
-    def start(self, x: Tensor) -> None:
-        """Called with the (meta or real) input before the forward pass."""
+    def start(self, call: Call) -> None:
+        """Called with the (meta or real) call before the forward pass."""
+
+    def computed_by(self, t: Tensor) -> nn.Module | None:
+        """The weight-standardized conv being called, if ``t`` is a tensor it computed from
+        its own weights alone (see :mod:`inflate._standardized`)."""
+        side = self.computing.get(id(self.objects[-1])) if self.objects else None
+        return self.objects[-1] if side is not None and side.get(id(t)) is t else None
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        side = self.computing.get(id(self.objects[-1])) if self.computing and self.objects else None
+        operands = ops.tensors((args, kwargs)) if side is not None else []
+        if operands and all(side.get(id(t)) is t for t in operands):  # type: ignore[union-attr]
+            # a known weight-standardized conv computing its weight from its own tensors: neither
+            # followed nor recorded, in discovery as in the replay (which sees its widened forward)
+            out = self._call(func, args, kwargs)
+            side.update((id(t), t) for t in ops.tensors(out))  # type: ignore[union-attr]
+            return out
         try:
             seen = self.before(func, args, kwargs)
         except Exception as error:
             raise _bug(func, self, error) from error
-        try:
-            out = func(*args, **kwargs)  # the model's own computation: its errors are the model's
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = list(self.stack)
-            raise
+        out = self._call(func, args, kwargs)
         try:
             self.after(func, args, kwargs, out, seen)
         except Exception as error:
             raise _bug(func, self, error) from error
         return out
+
+    def _call(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        try:
+            return func(*args, **kwargs)  # the model's own computation: its errors are the model's
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
 
     def before(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
         """Called before each operation; what it returns is handed to :meth:`after`."""
@@ -141,6 +168,7 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
             if tracer.failed_in is None:
                 tracer.failed_in = list(tracer.stack)
             tracer.stack.pop()
+            tracer.objects.pop()
             return
         try:
             tracer.leave(module, args, out)
@@ -279,15 +307,16 @@ class Plan:
 
 def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], call: Call, meta: bool,
          factory: Callable[[Owners, dict[int, str]], T], stack: bool, plan: Plan) -> T:
-    if call.input.ndim < 2:
-        raise InflateError(f"example_input: expected the input of shape (B, C, ...), got {tuple(call.input.shape)}")
+    _check_input(call)
     call = call.map(_meta_like if meta else Tensor.detach)
     swaps, owners, buffer_owners = _twins(walk, meta, plan.weights)
     tracer = factory(owners, {id(m): n for n, m in walk})
     tracer.buffer_owners = buffer_owners
     tracer.call = call
-    tracer.start(call.input)
-    with torch.no_grad(), _swapped(swaps, plan.attrs) as tracer.snapshots, \
+    tracer.start(call)
+    attrs = {key: {a: _meta_like(v) if meta and isinstance(v, Tensor) else v for a, v in values.items()}
+             for key, values in plan.attrs.items()}  # tensor attributes get meta twins too
+    with torch.no_grad(), _swapped(swaps, attrs) as tracer.snapshots, \
             _module_stack(tracer) if stack else nullcontext():
         try:
             with tracer:
@@ -299,6 +328,15 @@ def _run(model: nn.Module, walk: list[tuple[str, nn.Module]], call: Call, meta: 
             raise
     tracer.finish(out)
     return tracer
+
+
+def _check_input(call: Call) -> None:
+    if isinstance(call.input, Tensor):
+        if call.input.ndim < 2:
+            raise InflateError(f"example_input: expected the input of shape (B, C, ...), got {call.shape}")
+    elif any(t.ndim < 2 for t in call.images) or len({t.shape[0] for t in call.images}) > 1:
+        raise InflateError("example_input: expected a list of images (C, H, W) with the same C, got shapes "
+                           f"{call.shape}")
 
 
 def trace(model: nn.Module, example_input: Example | Call | None, factory: Callable[[Owners, dict[int, str]], T],
@@ -327,14 +365,14 @@ def trace(model: nn.Module, example_input: Example | Call | None, factory: Calla
     else:
         examples = [as_call(example_input, input_arg)]
     for attempt, example in enumerate(examples, 1):
-        shape = tuple(example.input.shape)
+        shape = example.shape
         if meta is not False:
             try:
                 return _run(model, walk, example, True, factory, stack, plan)
             except InflateError:
                 raise
             except Exception as meta_error:  # noqa: BLE001 - any failure on meta means: try for real
-                if meta or example.input.is_meta:
+                if meta or example.images[0].is_meta:
                     if attempt < len(examples):
                         continue
                     given = example_input is not None

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
+from ._call import Call
 from ._discovery import Discovery, Step
 from ._errors import InexactError, TraceError
 from ._tags import Channels
@@ -39,7 +40,7 @@ from ._tracer import Owners, Plan, Stop, Tracer, trace
 
 __all__ = ["verify"]
 
-_SIZES = ("reshape", "expand", "index")  # kinds whose sizes may follow the channel count
+_SIZES = ("reshape", "expand", "index", "new")  # kinds whose sizes may follow the channel count
 
 
 class _Replay(Tracer):
@@ -114,13 +115,16 @@ def _same(new: Any, old: Any) -> bool:
         return False
 
 
-def _wide_input(example: Tensor, counts: Sequence[int]) -> Tensor:
-    """An input of ``sum(counts)`` channels: meta, or built from the real example's channels."""
-    c = example.shape[1]
-    if example.is_meta:
-        return torch.empty(example.shape[0], sum(counts), *example.shape[2:], dtype=example.dtype, device="meta")
-    index = torch.cat([torch.arange(ci) % c for ci in counts]).to(example.device)
-    return example.index_select(1, index)
+def _wide_input(call: Call, counts: Sequence[int]) -> Any:
+    """The input with ``sum(counts)`` channels: meta, or built from the real example's channels."""
+    axis, c = call.channel_axis, call.channels
+    wide = []
+    for x in call.images:
+        if x.is_meta:
+            wide.append(torch.empty(*x.shape[:axis], sum(counts), *x.shape[axis + 1 :], dtype=x.dtype, device="meta"))
+        else:
+            wide.append(x.index_select(axis, torch.cat([torch.arange(ci) % c for ci in counts]).to(x.device)))
+    return wide[0] if isinstance(call.input, Tensor) else wide
 
 
 def verify(model: nn.Module, found: Discovery, plan: Plan, counts: Sequence[int]) -> None:
@@ -132,19 +136,19 @@ def verify(model: nn.Module, found: Discovery, plan: Plan, counts: Sequence[int]
             and quoting the model's own message), or would compute differently.
     """
     assert found.call is not None
-    c, total = found.call.input.shape[1], sum(counts)
+    c, total = found.call.channels, sum(counts)
     stop_at = found.replay_until
 
     def factory(owners: Owners, modules: dict[int, str]) -> _Replay:
         return _Replay(owners, modules, found.steps, c, total, stop_at)
 
-    x = _wide_input(found.call.input, counts)
+    call = found.call.with_input(_wide_input(found.call, counts))
     try:
-        replay = trace(model, found.call.with_input(x), factory, stack=True, meta=x.is_meta, plan=plan)
+        replay = trace(model, call, factory, stack=True, meta=call.images[0].is_meta, plan=plan)
     except TraceError as error:
         cause = error.__cause__
         message = f"{type(cause).__name__}: {cause}" if cause is not None else str(error)
-        raise InexactError(f"the inflated model cannot read its new input of shape {tuple(x.shape)}: "
+        raise InexactError(f"the inflated model cannot read its new input of shape {call.shape}: "
                            f"{_failed_in(error)}raised {message}") from error
     if replay.problem is not None:
         raise InexactError(f"cannot inflate exactly:\n  - {replay.problem}")
