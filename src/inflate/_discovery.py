@@ -206,10 +206,11 @@ class _InputTracer(Tracer):
             self._follow(op, func, args, kwargs, out, operands)
         self._lineage(kind, operands, tagged, out)
         results = ops.tensors(out)
-        self._blank(kind, args, operands, results)
-        for i, t in enumerate(results):
-            if self.tag(t) is None and _storage(t) in self.blanks:
-                self.pending.append((len(self.steps), i, t))
+        if kind == "new" or self.blanks:  # most forwards make no blank: no storage lookups then
+            self._blank(kind, args, operands, results)
+            for i, t in enumerate(results):
+                if self.tag(t) is None and _storage(t) in self.blanks:
+                    self.pending.append((len(self.steps), i, t))
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
                                [(tuple(t.shape), self._tag_or_root(t)) for t in results], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
