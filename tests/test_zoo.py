@@ -4,12 +4,16 @@ CI runs a fixed sample that covers every stem family the library claims; the ful
 timm and torchvision registries run behind ``-m zoo_full`` and print a summary.
 """
 
+import dataclasses
 import os
 
 import pytest
 import torch
 
-from .zoo import D, TooBig, check, outcome
+from inflate import inflate_first_conv
+
+from . import zoo
+from .zoo import F32, PRECISIONS, D, TooBig, check, outcome
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -94,42 +98,55 @@ def _sweep(registry, names, build):
         counts[key] = counts.get(key, 0) + 1
         print(f"{name:50s} {result}")
     print("summary:", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())), f"(of {len(names)})")
-    failures = {k: v for k, v in counts.items() if k in ("WRONG", "ERROR")}
+    failures = {k: v for k, v in counts.items() if k.split(" (")[0] in ("WRONG", "ERROR")}
     assert not failures, f"the library failed on some models (see the lines marked WRONG or ERROR): {failures}"
     return counts
 
 
+# float64 checks up to MAX_PARAMS (their copies fit in 24 GiB), float32 checks up to
+# MAX_PARAMS32: the float32 check holds the model and one inflated copy at a time, and three
+# float32 copies of 1.2e9 parameters (13.4 GiB) leave room on a 24 GiB machine (a 1.16B model
+# peaked at 9.5 GiB). Larger models need float64 on the GPU machine.
 MAX_PARAMS = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS", "2e8")))
+MAX_PARAMS32 = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS32", "1.2e9")))
 
 
-def _runs(model, shape):
+def _precision(count):
+    """The dtype to check a model of ``count`` parameters in, or TooBig."""
+    if count > MAX_PARAMS32:
+        raise TooBig(f"{count / 1e6:.0f}M parameters > INFLATE_ZOO_MAX_PARAMS32")
+    return D if count <= MAX_PARAMS else F32
+
+
+def _runs(model, shape, dtype=D):
     with torch.no_grad():
-        model.to(D).eval()(torch.zeros(1, *shape, dtype=D))
-    return model, shape
+        model.to(dtype).eval()(torch.zeros(1, *shape, dtype=dtype))
+    return model, shape, dtype
+
+
+def _timm_build(name):
+    """Small inputs where the model allows them (img_size=64), else its own input size; in
+    float64, or float32 above INFLATE_ZOO_MAX_PARAMS."""
+    try:
+        with torch.device("meta"):  # count parameters without allocating them
+            count = sum(p.numel() for p in timm.create_model(name).parameters())
+    except Exception:  # noqa: BLE001 - some constructors compute on real tensors: count after building
+        count = 0
+    dtype = _precision(count)
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+    attempts = [({"img_size": 64}, (size[0], 64, 64)), ({}, (size[0], 64, 64)), ({}, size)]
+    for kwargs, shape in attempts:
+        try:
+            return _runs(timm.create_model(name, **kwargs), shape, dtype)
+        except Exception as error:  # noqa: BLE001 - try the next way to build it
+            last = error.with_traceback(None)  # its frames would keep the failed model alive
+    raise last
 
 
 @pytest.mark.zoo_full
 def test_full_timm_registry():
-    def build(name):
-        """Small inputs where the model allows them (img_size=64), else its own input size."""
-        try:
-            with torch.device("meta"):  # count parameters without allocating them
-                count = sum(p.numel() for p in timm.create_model(name).parameters())
-        except Exception:  # noqa: BLE001 - some constructors compute on real tensors: count after building
-            count = 0
-        if count > MAX_PARAMS:  # float64 copies of a larger model do not fit in 24 GiB
-            raise TooBig(f"{count / 1e6:.0f}M parameters > INFLATE_ZOO_MAX_PARAMS")
-        cfg = timm.models.get_pretrained_cfg(name)
-        size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
-        attempts = [({"img_size": 64}, (size[0], 64, 64)), ({}, (size[0], 64, 64)), ({}, size)]
-        for kwargs, shape in attempts:
-            try:
-                return _runs(timm.create_model(name, **kwargs), shape)
-            except Exception as error:  # noqa: BLE001 - try the next way to build it
-                last = error
-        raise last
-
-    _sweep("timm", timm.list_models(), build)
+    _sweep("timm", timm.list_models(), _timm_build)
 
 
 @pytest.mark.zoo_full
@@ -141,9 +158,35 @@ def test_full_torchvision_classification_zoo():
         except Exception:  # noqa: BLE001 - no weights metadata: the common size
             size = 224
         model = torchvision.models.get_model(name, weights=None)
-        count = sum(p.numel() for p in model.parameters())
-        if count > MAX_PARAMS:
-            raise TooBig(f"{count / 1e6:.0f}M parameters > INFLATE_ZOO_MAX_PARAMS")
-        return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224))
+        dtype = _precision(sum(p.numel() for p in model.parameters()))
+        return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224), dtype)
 
     _sweep("torchvision", torchvision.models.list_models(module=torchvision.models), build)
+
+
+def test_float32_path_of_the_big_models(monkeypatch):
+    """The full sweeps check models over INFLATE_ZOO_MAX_PARAMS in float32 (see zoo.PRECISIONS):
+    a small model forced through that path is exact with its negative control detected, a 0.1%
+    error in the repeat rule's scale is caught, and a control that changes nothing fails."""
+    monkeypatch.setitem(globals(), "MAX_PARAMS", 0)
+    assert outcome(lambda: _timm_build("vit_tiny_patch16_224")) == "exact (float32)"
+    model, shape, dtype = _timm_build("vit_tiny_patch16_224")
+    diffs = check(model, shape, dtype=dtype)
+    assert dtype == F32 and diffs["rtol"] == 1e-5 and diffs["output_rtol"] == 1e-5 * max(1, diffs["amplification"])
+    assert diffs["zero"] <= diffs["output_rtol"] and diffs["repeat"] <= diffs["output_rtol"], diffs
+
+    def off_by_a_thousandth(model, n, *, init, **kwargs):
+        wide = inflate_first_conv(model, n, init=init, **kwargs)
+        if init == "repeat":
+            with torch.no_grad():
+                wide.patch_embed.proj.weight.mul_(1.001)
+        return wide
+
+    with monkeypatch.context() as patch:
+        patch.setattr(zoo, "inflate_first_conv", off_by_a_thousandth)
+        result = outcome(lambda: _timm_build("vit_tiny_patch16_224"))
+    assert result.startswith("WRONG (float32): inflated model is not equivalent"), result
+
+    monkeypatch.setitem(PRECISIONS, F32, dataclasses.replace(PRECISIONS[F32], control=0.0))
+    with pytest.raises(AssertionError, match="negative control not detected"):
+        check(*_timm_build("vit_tiny_patch16_224")[:2], dtype=F32)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,7 +15,44 @@ from inflate import InflateError, find_input_layers, inflate_first_conv
 from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
 
 D = torch.float64
-CHAOTIC = 1e-6  # an output tolerance above this means rounding alone scrambles the output
+F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The tolerances of :func:`check` in one dtype.
+
+    The widened layers are compared at ``layers``. The output at ``max(layers, rounding * A)``,
+    ``A`` the network's measured :func:`amplification` (by a ``nudge`` relative noise); past
+    ``chaotic`` rounding alone scrambles the output and only the layers are judged. The negative
+    control moves one weight by ``control`` times the kernel's largest.
+    """
+
+    layers: float
+    rounding: float
+    chaotic: float
+    nudge: float
+    control: float
+
+
+PRECISIONS = {
+    # The layers at default_rtol's 1e-10; the output at 1e-13 (100x float64 rounding) times A.
+    D: Precision(layers=1e-10, rounding=1e-13, chaotic=1e-6, nudge=1e-12, control=1e-3),
+    # Measured in float32 on the CI sample (22 timm, 12 torchvision models, n=2): the two rules
+    # differ at the widened layers by at most 1.2e-6 (10 float32 ulps, the ViT patch embeddings;
+    # the zero rule is mostly bit-identical), at the output by at most 3.3x that times max(1, A)
+    # (downstream rounding adds to it). 1e-5 (84 ulps) leaves 8x at the layers and >= 6x at the
+    # output. A nudge of 1e-4 (~1000x float32 rounding) measures A within 10% of nudges of 1e-3
+    # and 1e-5; it is a linear measurement only while the nudged output moves by <= 1e-2, i.e.
+    # A <= 100, so an output tolerance past 1e-3 is chaotic (LeViT-128S measures A = 500, 3,900
+    # and 26,000 with the three nudges: its float32 output is rounding noise).
+    # The control: one weight off by 10% of the kernel's largest moves the widened layer by
+    # 2.9e-4 (ViT-B/16's patch embedding) to 1.5e-2 (small stems), >= 29x the layer tolerance,
+    # and the output by >= 15x its tolerance; still 10x or more below what a wrong rule does
+    # (a whole input's block of the kernel wrong moves the layer by O(0.1-1)).
+    F32: Precision(layers=1e-5, rounding=1e-5, chaotic=1e-3, nudge=1e-4, control=1e-1),
+}
+CHAOTIC = PRECISIONS[D].chaotic  # an output tolerance above this means rounding alone scrambles the output
 
 
 class Untestable(Exception):
@@ -21,7 +60,8 @@ class Untestable(Exception):
 
 
 class TooBig(MemoryError):
-    """Skipped on purpose: float64 copies of the model would not fit (INFLATE_ZOO_MAX_PARAMS)."""
+    """Skipped on purpose: copies of the model would not fit (INFLATE_ZOO_MAX_PARAMS for
+    float64, INFLATE_ZOO_MAX_PARAMS32 for float32)."""
 
 
 def sensitize(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
@@ -79,22 +119,29 @@ def amplification(net: nn.Module, layers: list[str], x: torch.Tensor, eps: float
     return ((noisy - clean).norm() / clean.norm()).item() / eps
 
 
-def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -> dict[str, float]:
-    """Both equivalences (zero rule, scaled repeat) in float64, plus a negative control: one
-    input-1 weight off by 1e-3 of the kernel's scale must be detected at the output.
+def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
+          dtype: torch.dtype = D) -> dict[str, float]:
+    """Both equivalences (zero rule, scaled repeat), plus a negative control: one input-1
+    weight off by a fraction of the kernel's scale must be detected at the output.
 
-    The widened layers are compared at rtol 1e-10. The output is compared at 1e-10 too, or,
-    for a badly conditioned random network, at what a 1e-13 relative discrepancy at those
-    layers (100x float64 rounding) becomes at its output, measured by :func:`amplification`;
-    past ``CHAOTIC`` the output says nothing and only the layers are judged.
+    In float64 (the default) the widened layers are compared at rtol 1e-10. The output is
+    compared at 1e-10 too, or, for a badly conditioned random network, at what a 1e-13
+    relative discrepancy at those layers (100x float64 rounding) becomes at its output,
+    measured by :func:`amplification`; past ``CHAOTIC`` the output says nothing and only the
+    layers are judged. The control weight is off by 1e-3.
+
+    ``dtype=torch.float32`` is for models whose float64 copies do not fit: the layers at
+    1e-5, the output at ``1e-5 * max(1, amplification)``, chaotic past 1e-3, the control
+    off by 0.1; :data:`PRECISIONS` says why. Only one inflated copy is alive at a time.
     """
+    p = PRECISIONS[dtype]
     try:
-        net = sensitize(model.to(D), shape, seed).eval()
+        net = sensitize(model.to(dtype), shape, seed).eval()
     except Exception as error:  # noqa: BLE001 - e.g. an aux head that cannot run at this size in train mode
         raise Untestable(f"the original network fails in train mode: {type(error).__name__}") from error
-    example = torch.zeros(1, *shape, dtype=D)
+    example = torch.zeros(1, *shape, dtype=dtype)
     gen = torch.Generator().manual_seed(seed)
-    xs = [torch.randn((2, *shape), generator=gen, dtype=D) for _ in range(n)]
+    xs = [torch.randn((2, *shape), generator=gen, dtype=dtype) for _ in range(n)]
     with torch.no_grad():
         before = net(xs[0])
     if not torch.isfinite(before).all():
@@ -104,26 +151,31 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0) -
         after = net(xs[0])  # discovery must leave the model exactly as it was
     if not torch.equal(before, after):
         raise RuntimeError("find_input_layers changed the model: its output differs afterwards")
-    out_tol = max(1e-10, 1e-13 * amplification(net, layers, xs[0]))
+    del before, after
+    amp = amplification(net, layers, xs[0], eps=p.nudge)
+    out_tol = max(p.layers, p.rounding * amp)
     if not math.isfinite(out_tol):
         raise Untestable("the original network's output is not finite once its input layers are nudged")
-    if out_tol > CHAOTIC:  # rounding alone scrambles this random network's output: judge at the layers
+    if out_tol > p.chaotic:  # rounding alone scrambles this random network's output: judge at the layers
         out_tol = math.inf
     zero = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=example)
-    z = assert_zero_inflation_equivalent(net, zero, xs, compare_at=layers, output_rtol=out_tol)
+    z = assert_zero_inflation_equivalent(net, zero, xs, compare_at=layers, rtol=p.layers, output_rtol=out_tol)
+    del zero  # one inflated copy at a time: a big model's copies are most of the memory
+    gc.collect()
     rep = inflate_first_conv(copy.deepcopy(net), n, init="repeat", example_input=example)
-    r = assert_repeat_equivalent(net, rep, xs[0], n, compare_at=layers, output_rtol=out_tol)
+    r = assert_repeat_equivalent(net, rep, xs[0], n, compare_at=layers, rtol=p.layers, output_rtol=out_tol)
     weight = rep.get_submodule(layers[0]).weight
     with torch.no_grad():
-        weight.view(-1)[0] += 1e-3 * weight.abs().max()
+        weight.view(-1)[0] += p.control * weight.abs().max()
     try:  # at the output, or at the layers where the output cannot tell
-        assert_repeat_equivalent(net, rep, xs[0], n, rtol=1e-10, output_rtol=out_tol,
+        assert_repeat_equivalent(net, rep, xs[0], n, rtol=p.layers, output_rtol=out_tol,
                                  compare_at=layers if math.isinf(out_tol) else ())
     except AssertionError:
         pass
     else:
         raise AssertionError(f"negative control not detected (layers {layers}, output rtol {out_tol:.1e})")
-    return {"zero": z.max_relative_diff, "repeat": r.max_relative_diff, "output_rtol": out_tol}
+    return {"zero": z.max_relative_diff, "repeat": r.max_relative_diff, "output_rtol": out_tol,
+            "rtol": p.layers, "amplification": amp}
 
 
 def outcome(build) -> str:
@@ -136,22 +188,33 @@ def outcome(build) -> str:
     ``WRONG`` (the inflated model is not equivalent or does not run) and ``ERROR``
     (inflation raised something other than InflateError).
 
-    ``build()`` returns ``(model, input shape)`` or raises if the model cannot be built or run.
+    ``build()`` returns ``(model, input shape)``, or ``(model, input shape, dtype)`` to be
+    checked in that dtype, or raises if the model cannot be built or run. A check in float32
+    says so in its kind (``exact (float32)``, ``WRONG (float32)`` ...): its tolerances are
+    looser, and a sweep's summary counts it apart.
     """
     try:
-        model, shape = build()
+        model, shape, *dtype = build()
     except TooBig as error:
         return f"too big: {error}"
     except Exception as error:  # noqa: BLE001 - models that cannot run are counted, not tested
         return f"unbuildable: {type(error).__name__}"
+    dtype = dtype[0] if dtype else D
+    precision = str(dtype).removeprefix("torch.")
+    tag = "" if dtype == D else f" ({precision})"
     try:
-        result = check(model, shape)
+        result = check(model, shape, dtype=dtype)
     except InflateError as error:
         return "refused: " + str(error).splitlines()[-1].strip()[:120]
     except Untestable as error:
-        return f"untestable: {error}"
+        return f"untestable{tag}: {error}"
     except AssertionError as error:
-        return "WRONG: " + " ".join(str(error).split())[:300]
+        return f"WRONG{tag}: " + " ".join(str(error).split())[:300]
     except Exception as error:  # noqa: BLE001 - anything else escaped the library or the inflated model
-        return f"ERROR: {type(error).__name__}: " + " ".join(str(error).split())[:300]
-    return "exact" if math.isfinite(result["output_rtol"]) else "exact at the layers (output chaotic)"
+        return f"ERROR{tag}: {type(error).__name__}: " + " ".join(str(error).split())[:300]
+    finally:
+        del model  # the sweep's next model should not share memory with this one
+        gc.collect()
+    if math.isfinite(result["output_rtol"]):
+        return f"exact{tag}"
+    return "exact at the layers (" + (f"{precision}, " if tag else "") + "output chaotic)"
