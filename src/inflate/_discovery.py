@@ -17,23 +17,25 @@ can replay the inflated model against it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
 from . import _rewrites as rewriting
+from . import _tags as tags
+from ._blanks import Blanks, storage
 from ._call import Call, Example
 from ._errors import InexactError
-from . import _tags as tags
 from ._tags import Channels, Lost, Tag
 from ._tracer import Owners, Stop, Tracer, trace, unwrap
 from .rules import KernelLayout
 
-__all__ = ["InputLayer", "Step", "Discovery", "discover", "find_input_layers"]
+__all__ = ["Discovery", "InputLayer", "Step", "discover", "find_input_layers"]
 
 _REPORT = ("if it treats every channel alike and keeps them apart, please report it on the torch-inflate issue "
            "tracker so that it joins inflate's op table")
@@ -110,13 +112,6 @@ class Discovery:
             raise InexactError("cannot inflate exactly:\n  - " + "\n  - ".join(dict.fromkeys(self.problems)))
 
 
-def _storage(t: Tensor) -> int | None:
-    try:
-        return t.untyped_storage()._cdata
-    except Exception:  # noqa: BLE001 - tensors without a storage (some subclasses) alias nothing we track
-        return None
-
-
 class _InputTracer(Tracer):
     """Tags the input and follows its channel axis to the layers that read it."""
 
@@ -136,9 +131,7 @@ class _InputTracer(Tracer):
         self.operands: dict[Hashable, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root key
         self.plain_uses: set[Hashable] = set()  # keys of roots read by operations that do not involve the input
         self.list_roots: dict[int, tuple[Tensor, tuple[str, str]]] = {}  # tensors made of a module's list
-        self.blanks: dict[int, list[Tensor]] = {}  # storage of a blank tensor -> it and its untagged views
-        self.views: dict[int, tuple[Tensor, Tensor, Any]] = {}  # blank[index] -> (it, blank, index)
-        self.pending: list[tuple[int, int, Tensor]] = []  # (step, output) untagged as made: tag at the end
+        self.blanks = Blanks(self.tag, self.mark)  # tensors made blank, which the input may be copied into
 
     def start(self, call: Call) -> None:
         self.channels = call.channels
@@ -206,53 +199,10 @@ class _InputTracer(Tracer):
             self._follow(op, func, args, kwargs, out, operands)
         self._lineage(kind, operands, tagged, out)
         results = ops.tensors(out)
-        if kind == "new" or self.blanks:  # most forwards make no blank: no storage lookups then
-            self._blank(kind, args, operands, results)
-            for i, t in enumerate(results):
-                if self.tag(t) is None and _storage(t) in self.blanks:
-                    self.pending.append((len(self.steps), i, t))
+        self.blanks.see(len(self.steps), kind, args, operands, results)
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
                                [(tuple(t.shape), self._tag_or_root(t)) for t in results], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
-
-    def _blank(self, kind: str | None, args: Any, operands: list[Tensor], results: list[Tensor]) -> None:
-        """Follow blank tensors (``new_full``, ``torch.zeros``: one value everywhere) and their
-        untagged views, into which the input may be copied (a padded batch of images)."""
-        if kind == "new" and len(results) == 1:
-            key = _storage(results[0])
-            if key is not None and self.tag(results[0]) is None:
-                self.blanks[key] = [results[0]]
-            return
-        for t in results:
-            key = _storage(t)
-            if key in self.blanks and self.tag(t) is None and all(t is not v for v in self.blanks[key]):
-                self.blanks[key].append(t)
-                if kind == "index" and operands and operands[0] is self.blanks[key][0]:
-                    self.views[id(t)] = (t, operands[0], args[1])
-
-    def _fill_blank(self, view: Tensor, tag: Channels) -> None:
-        """The input was copied into ``view`` of a blank tensor: the blank holds the channel
-        block where ``view`` spans its whole axis; views of it taken before are lost."""
-        members = self.blanks[_storage(view)]
-        blank = members[0]
-        entry = self.views.get(id(view))
-        if view is blank:
-            blank_tag: Tag = tag
-        elif entry is not None and entry[0] is view and tag.outer == tag.inner == 1:
-            index = entry[2]
-            dims = [d for d in range(blank.ndim) if tags.getitem_dim(blank, index, Channels(d)) == tag.dim]
-            blank_tag = Channels(dims[0]) if len(dims) == 1 else \
-                Lost(f"a copy of the input into some channels of another tensor{self.where()}")
-        else:
-            blank_tag = Lost(f"a copy of the input into a view inflate cannot place in its base{self.where()}")
-        was = self.tag(blank)
-        if was is not None and was != blank_tag:
-            blank_tag = Lost(f"copies of the input into one tensor in two layouts{self.where()}")
-        self.mark(blank, blank_tag)
-        stale = Lost(f"a view taken before the input was copied into its tensor{self.where()}")
-        for other in members[1:]:
-            if other is not view and self.tag(other) is None:
-                self.mark(other, stale)
 
     def _key(self, root: Tensor) -> Hashable:
         """What a root stands for: its id, or for tensors made of a module's list, that
@@ -345,19 +295,19 @@ class _InputTracer(Tracer):
                 self.mark(out, tag)
             return
         was = self.tag(mutated)
-        if was is None and isinstance(tag, Channels) and _storage(mutated) in self.blanks:
+        if was is None and isinstance(tag, Channels) and self.blanks.holds(mutated):
             self.mark(mutated, tag)
-            self._fill_blank(mutated, tag)
+            self.blanks.fill(mutated, tag, self.where())
             return
         if tag is not None:
             self.mark(mutated, tag)
         if isinstance(tag, Channels) and was == tag:
             return  # a channel-wise write: every view keeps its channel block
         # an in-place write that is not channel-wise: every tagged view of the same memory is lost
-        key = _storage(mutated)
+        key = storage(mutated)
         lost = Lost(f"in-place {name} on a view of the input{self.where()}")
         for other, _ in list(self.tags.values()):
-            if other is not mutated and key is not None and _storage(other) == key:
+            if other is not mutated and key is not None and storage(other) == key:
                 self.tags[id(other)] = (other, lost)
 
     def _consume(self, kind: str, args: Any, kwargs: Any) -> bool:
@@ -431,12 +381,7 @@ def discover(model: nn.Module, example_input: Example | None = None, input_arg: 
     operands = list(dict.fromkeys(operand for _, operand in tracer.operands.values()))
     found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
                       tracer.call, operands)
-    for i, pos, t in tracer.pending:  # blank tensors the input was copied into: C wide in their sizes
-        tag = tracer.tag(t)
-        if tag is not None:
-            outs = list(found.steps[i].outs)
-            outs[pos] = (outs[pos][0], tag)
-            found.steps[i] = dataclasses.replace(found.steps[i], outs=outs)
+    tracer.blanks.resolve(found.steps)  # blank tensors the input was copied into: C wide in their sizes
     widened = set(tracer.operands)  # views of widened operands: their shapes are the replay's to find out
     for i, step in enumerate(found.steps):
         if any(_is_key(mark) for _, mark in step.outs):
