@@ -1,8 +1,8 @@
-"""Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate> [--smoke] ...``.
+"""Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate> [--preset P] ...``.
 
-Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke]``): ``metrics.json``,
-PNG plots and pictures, and ``models/`` (one ``.safetensors`` file per stage, its metadata in the
-file's header). Complete stages found there are reused; an interrupted one continues with
+Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke|_long]``):
+``metrics.json``, PNG figures, and ``models/`` (one ``.safetensors`` file per stage, its metadata in
+the file's header). Complete stages found there are reused; an interrupted one continues with
 ``--resume``. Under ``torchrun`` the training runs with DistributedDataParallel (gloo on CPU,
 nccl on GPU).
 """
@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 # torch and the example's modules are imported only after the arguments and the output folder
 # are checked, so a bad command line fails at once, before anything heavy is loaded.
 if TYPE_CHECKING:
-    from . import pipeline
+    from . import config
 
 
 def _int(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -71,170 +70,155 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     """
     parser = argparse.ArgumentParser(prog="python -m examples.frame_pair", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate"])
-    parser.add_argument("runs", nargs="*", help="evaluate: run folders to compare (default: --out)")
-    parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study and/or _smoke "
-                        "appended for those modes, so their stored models never mix)")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and resolution: seconds, for tests")
-    parser.add_argument("--resolution", choices=["coords", "study"], default="coords",
-                        help="coords: inputs at the coordinate resolution 360x640 (default); study: 120x240")
+    parser.add_argument("runs", nargs="*", help="evaluate only: run folders to compare (default: --out)")
+    parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study, _smoke or _long appended "
+                        "for those settings, so their stored models never mix)")
+    parser.add_argument("--preset", choices=["smoke", "demo", "long"], default=None,
+                        help="demo (default): 2 CPU cores, minutes; long: a GPU machine, hours; smoke: seconds")
+    parser.add_argument("--smoke", action="store_true", help="the same as --preset smoke")
+    parser.add_argument("--resolution", choices=["preset", "coords", "study"], default="preset",
+                        help="model input size: the preset's (default), coords 360x640, or study 120x240")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
-    parser.add_argument("--epochs", type=_int(1))
-    parser.add_argument("--videos", type=_int(1))
+    parser.add_argument("--steps", type=_int(1), help="steps of each compared stage (single, pair, frames<many>)")
+    parser.add_argument("--base-steps", type=_int(1), help="steps of the single-frame model's stage")
+    parser.add_argument("--videos", type=_int(1), help="training photos used (the first ones)")
     parser.add_argument("--frames", type=_int(2), help="frames per video")
     parser.add_argument("--many", type=_int(2), help="inputs of the scale-up stage (about ten)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # run folders may come after options
+    if args.smoke and args.preset not in (None, "smoke"):
+        parser.error(f"--smoke: expected no other --preset, got --preset {args.preset}")
+    args.preset = "smoke" if args.smoke else args.preset or "demo"
     args.out = args.out or "runs/frame_pair" + ("_study" if args.resolution == "study" else "") + (
-        "_smoke" if args.smoke else "")
+        "" if args.preset == "demo" else f"_{args.preset}")
     if args.command == "evaluate":
         _check_runs(parser, [Path(r) for r in args.runs] or [Path(args.out)])
         return args
-    if any(v is not None for v in (args.videos, args.frames, args.many)):
-        # overrides can conflict with each other or with the mode's defaults (the defaults agree)
-        from .data import VIDEOS
+    if args.runs:
+        parser.error(f"{args.command}: expected no run folders (only evaluate takes them; use --out), "
+                     f"got {' '.join(args.runs)!r}")
+    from .config import TRAIN_PHOTOS
 
-        cfg = _config(args)
-        if cfg.videos > len(VIDEOS):
-            parser.error(f"--videos: expected an int from 1 to {len(VIDEOS)}, got {cfg.videos}")
-        if cfg.many > cfg.frames:
-            parser.error(f"--many: expected an int <= --frames ({cfg.frames}"
-                         f"{'' if args.frames is not None else ', its default'}), got {cfg.many}")
+    cfg = _config(args)
+    if cfg.videos > len(TRAIN_PHOTOS):
+        parser.error(f"--videos: expected an int from 1 to {len(TRAIN_PHOTOS)}, got {cfg.videos}")
+    if cfg.many > cfg.frames:
+        parser.error(f"--many: expected an int <= --frames ({cfg.frames}"
+                     f"{'' if args.frames is not None else ', its default'}), got {cfg.many}")
     _check_out(parser, Path(args.out))
     return args
 
 
-def _config(args: argparse.Namespace) -> pipeline.RunConfig:
-    from . import pipeline
+def _config(args: argparse.Namespace) -> config.RunConfig:
+    from . import config
 
-    return pipeline.RunConfig.make(args.out, args.smoke, args.resolution == "study", epochs=args.epochs,
-                                   videos=args.videos, frames=args.frames, many=args.many, resume=args.resume)
-
-
-def _say(*text: object) -> None:
-    from .fit import world
-
-    if world()[0] == 0:
-        print(*text, flush=True)
+    size = {"preset": None, "coords": (360, 640), "study": config.STUDY_SIZE}[args.resolution]
+    return config.make(args.out, args.preset, size=size, steps=args.steps, base_steps=args.base_steps,
+                       videos=args.videos, frames=args.frames, many=args.many, resume=args.resume or None)
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
-    cells = [[f"{r[c]:.6f}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    cells = [[f"{r[c]:.2f}" if isinstance(r[c], float) else "-" if r[c] is None else str(r[c]) for c in columns]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
-def train(cfg: pipeline.RunConfig) -> dict[str, object]:
-    """Single-frame model, inflated to 2 and to ``cfg.many`` frames, evaluated and stored."""
-    from . import pipeline
-    from .data import VIDEOS, make_video
-    from .evaluate import learning_curves, pictures, score
-    from .fit import world
+def train(cfg: config.RunConfig) -> dict[str, object]:
+    """Train, evaluate and store (pipeline.run); write metrics.json and print the table."""
+    from . import ddp, pipeline, store
 
-    started = time.time()
-    single, h1 = pipeline.single_stage(cfg)
-    pair, h2 = pipeline.multi_stage(cfg, single, "pair", 2)
-    many, h3 = pipeline.multi_stage(cfg, single, f"frames{cfg.many}", cfg.many)
-    metrics: dict[str, object] = {"config": {k: str(v) for k, v in vars(cfg).items()},
-                                  "train_loss": {"single": h1.epochs[-1], "pair": h2.epochs[-1],
-                                                 f"frames{cfg.many}": h3.epochs[-1]}}
-    if world()[0] == 0:
-        videos = [make_video(n, cfg.frames, cfg.seed + i) for i, n in enumerate(VIDEOS[: cfg.videos])]
-        models = {"single": (single, 1), "pair": (pair, 2), f"frames{cfg.many}": (many, cfg.many)}
-        for model, _ in models.values():
-            model.eval()
-        evaluation = {"baselines": score(None, videos, 1, cfg.size)}
-        evaluation.update({name: score(m, videos, n, cfg.size) for name, (m, n) in models.items()})
-        metrics["evaluation"] = evaluation
-        pictures(cfg.out / "reconstructions.png", models, videos[0], cfg.size)
-        learning_curves(cfg.out / "learning_curves.png",
-                        {name: {"steps": h.steps, "spikes": h.spikes} for name, h in
-                         zip(models, (h1, h2, h3))}, "training loss per step (spikes in red)")
-        rows = [{"model": "copy previous frame", "PSNR": evaluation["baselines"]["copy_prev_psnr"],
-                 "SSIM": evaluation["baselines"]["copy_prev_ssim"], "EPE px": "-"},
-                {"model": "identity map", "PSNR": evaluation["baselines"]["identity_psnr"],
-                 "SSIM": evaluation["baselines"]["identity_ssim"], "EPE px": evaluation["baselines"]["identity_epe"]}]
-        rows += [{"model": name, "PSNR": s["model_psnr"], "SSIM": s["model_ssim"], "EPE px": s["model_epe"]}
-                 for name, s in evaluation.items() if name != "baselines"]
-        _say(_table(rows, ["model", "PSNR", "SSIM", "EPE px"]))
-    metrics["seconds"] = time.time() - started
-    pipeline.write_json(cfg.out / "metrics.json", metrics)
+    metrics = pipeline.run(cfg)
+    if ddp.world()[0] == 0:
+        store.write_json(cfg.out / "metrics.json", metrics)
+        h, t, s = metrics["heldout"], metrics["train"], metrics["stereo"]
+        rows = [{"method": name, "held-out EPE": h[name]["epe"], "held-out PSNR": h[name]["psnr"],
+                 "train EPE": t[name]["epe"], "train PSNR": t[name]["psnr"],
+                 "Middlebury EPE": s.get(name, {}).get("epe"), "Middlebury PSNR": s.get(name, {}).get("psnr")}
+                for name in h]
+        ddp.say(_table(rows, list(rows[0])))
+        ddp.say(f"held-out: {', '.join(metrics['heldout_videos'])}; {metrics['seconds']:.0f} s")
     return metrics
 
 
-def equivalence(cfg: pipeline.RunConfig) -> dict[str, object]:
-    from . import pipeline
-    from .evaluate import learning_curves
-    from .fit import world
+def equivalence(cfg: config.RunConfig) -> dict[str, object]:
+    from . import ddp, evaluate, pipeline, store, study
 
-    single, _ = pipeline.single_stage(cfg)
-    result = pipeline.equivalence(cfg, single)
-    pipeline.write_json(cfg.out / "equivalence.json", result)
-    if world()[0] == 0:
+    single, _ = pipeline.single_frame_model(cfg)
+    result = study.equivalence(cfg, single)
+    if ddp.world()[0] == 0:
+        store.write_json(cfg.out / "equivalence.json", result)
         curves = {k: {"steps": v} for k, v in result["curves"].items()}
-        learning_curves(cfg.out / "equivalence.png", curves, "last-layer fine-tuning, SGD lr 0.101 (epoch means)")
-    _say(f"control (repeat, no zeroing) loss: {result['repeat_control']:.6f}  |diff|: {result['control_diff']:.6f}")
-    _say(f"max |prediction difference| single vs two-input (zeroed): {result['max_prediction_diff']:.3g}")
-    _say(f"single-input loss: {result['single']:.6f}  two-input (zeroed) loss: {result['zeroed']:.6f}  "
-         f"|diff|: {result['diff']:.2g}")
+        evaluate.learning_curves(cfg.out / "equivalence.png", curves, "last-layer fine-tuning, SGD lr 0.101 "
+                                 "(epoch means)")
+    ddp.say(f"control (repeat, no zeroing) loss: {result['repeat_control']:.6f}  |diff|: {result['control_diff']:.6f}")
+    ddp.say(f"max |prediction difference| single vs two-input (zeroed): {result['max_prediction_diff']:.3g}")
+    ddp.say(f"single-input loss: {result['single']:.6f}  two-input (zeroed) loss: {result['zeroed']:.6f}  "
+            f"|diff|: {result['diff']:.2g}")
     return result
 
 
-def sweep(cfg: pipeline.RunConfig) -> list[dict[str, object]]:
-    from . import pipeline
-    from .evaluate import learning_curves
-    from .fit import world
+def sweep(cfg: config.RunConfig) -> list[dict[str, object]]:
+    from . import ddp, evaluate, pipeline, store, study
 
-    single, _ = pipeline.single_stage(cfg)
-    results = pipeline.sweep(cfg, single)
-    pipeline.write_json(cfg.out / "sweep.json", {"results": results})
-    if world()[0] == 0:
-        learning_curves(cfg.out / "sweep_curves.png",
-                        {f"{r['policy']} lr={r['lr']} clip={r['clip']}": r for r in results},
-                        "two-frame fine-tuning sweep: loss per step (spikes in red)")
-        _say(_table([{**r, "spikes": len(r["spikes"])} for r in results], ["policy", "lr", "clip", "final", "spikes"]))
+    single, _ = pipeline.single_frame_model(cfg)
+    results = study.sweep(cfg, single)
+    if ddp.world()[0] == 0:
+        store.write_json(cfg.out / "sweep.json", {"results": results})
+        evaluate.learning_curves(cfg.out / "sweep_curves.png",
+                                 {f"{r['policy']} lr={r['lr']} clip={r['clip']}": r for r in results},
+                                 "two-frame fine-tuning sweep: loss per step (spikes in red)")
+        ddp.say(_table([{**r, "lr": str(r["lr"]), "clip": str(r["clip"] or "-"), "final": f"{r['final']:.6f}",
+                         "spikes": len(r["spikes"])} for r in results],
+                       ["policy", "lr", "clip", "final", "spikes"]))
     return results
 
 
 def evaluate(runs: list[Path]) -> dict[str, dict[str, float]]:
-    """Load the stored models of each run folder and score them side by side."""
-    from . import pipeline
-    from .data import VIDEOS, make_video
-    from .evaluate import score
+    """Rebuild the complete stored models of each run folder; score them on its held-out videos and
+    the Middlebury pair (next to the identity map)."""
+    from . import config, store
+    from . import evaluate as scoring
+    from .data import eval_targets, make_video, stereo_pair
 
-    table = []
-    scores: dict[str, dict[str, float]] = {}
+    table, scores = [], {}
+    pair = stereo_pair()
     for run in runs:
+        models, cfg = {}, None
         for path in sorted((run / "models").glob("*.safetensors")):
-            model, meta = pipeline.load_model(path)
-            model.eval()
+            try:
+                model, meta = store.load_model(path)
+            except ValueError as error:
+                print(f"skipped: {error}", file=sys.stderr)
+                continue
+            models[meta["stage"]] = (model, meta["num_inputs"])
             cfg = meta["run"]
-            size = tuple(int(v) for v in cfg["size"].strip("()").split(","))
-            videos = [make_video(n, int(cfg["frames"]), int(cfg["seed"]) + i)
-                      for i, n in enumerate(VIDEOS[: int(cfg["videos"])])]
-            s = score(model, videos, meta["num_inputs"], size)
-            key = f"{run.name}/{meta['stage']}"
-            scores[key] = s
-            table.append({"model": key, "inputs": meta["num_inputs"], "size": f"{size[0]}x{size[1]}",
-                          "train loss": meta["history"]["epochs"][-1], "PSNR": s["model_psnr"],
-                          "SSIM": s["model_ssim"], "EPE px": s["model_epe"]})
-    _say(_table(table, ["model", "inputs", "size", "train loss", "PSNR", "SSIM", "EPE px"]))
+        if cfg is None:
+            continue
+        size, frames = tuple(cfg["size"]), cfg["frames"]
+        methods = scoring.methods(models, size, size)
+        del methods["phase_correlation"], methods["tvl1"], methods["ilk"]
+        targets = eval_targets(frames, cfg["eval_targets"])
+        videos = [make_video(n, frames, 10_000 + i) for i, n in enumerate(config.HELDOUT_PHOTOS)]
+        held, stereo = scoring.score_videos(videos, targets, methods), scoring.score_stereo(pair, methods)
+        for name in methods:
+            key = f"{run.name}/{name}"
+            scores[key] = {"heldout_epe": held[name]["epe"], "heldout_psnr": held[name]["psnr"],
+                           "stereo_epe": stereo.get(name, {}).get("epe"),
+                           "stereo_psnr": stereo.get(name, {}).get("psnr")}
+            table.append({"model": key, "inputs": models[name][1] if name in models else "-",
+                          "size": f"{size[0]}x{size[1]}", **scores[key]})
+    print(_table(table, ["model", "inputs", "size", "heldout_epe", "heldout_psnr", "stereo_epe", "stereo_psnr"]),
+          flush=True)
     return scores
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    import torch
-    import torch.distributed as dist
+    from . import ddp
 
-    from .fit import world
-
-    if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world()[1]))
+    ddp.start()
     cfg = _config(args)
     try:
         if args.command == "evaluate":
@@ -242,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             {"train": train, "equivalence": equivalence, "sweep": sweep}[args.command](cfg)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.stop()
     return 0
 
 

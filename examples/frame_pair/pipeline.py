@@ -1,171 +1,105 @@
-"""The study's stages: single-frame training, inflation to 2 and ~10 frames, the equivalence
-reproduction, the fine-tuning sweep, and stored models."""
+"""The main path: a pretrained single-frame model, inflated to 2 and to N frames, trained, evaluated, stored.
+
+1. Build the single-frame coordinate network on ImageNet weights and train it on single frames.
+2. Inflate copies of it to 2 and to ``cfg.many`` inputs with the ``zero`` rule: each starts out
+   computing exactly what the single-frame model computes.
+3. Choose what trains: all layers, Adam, for the compared models alike; the single-frame model
+   continues with the very same recipe and samples, so the comparison isolates the extra frames.
+4. Train on samples drawn afresh for every step from the training photos.
+5. Evaluate on held-out photos, on training photos and on the Middlebury stereo pair, next to
+   classical baselines.
+6. Store: every stage is one ``models/<stage>.safetensors`` that rebuilds (:mod:`.store`).
+"""
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import time
 from typing import Any
 
 import torch
 from torch import nn
 
-from inflate import inflate_first_conv, load_checkpoint
+from inflate import inflate_first_conv
 
-from .data import VIDEOS, Sample, make_video, samples
-from .fit import FitConfig, History, atomic_write, fit, world
+from . import ddp, evaluate, store
+from .config import RunConfig
+from .data import eval_targets, make_video, stereo_pair, training_batch
+from .fit import FitConfig, History, fit
 from .model import CoordNet
-
-STUDY_SIZE = (120, 240)
-FULL_SIZE = (360, 640)
-
-
-@dataclass
-class RunConfig:
-    """One run of the example; ``--smoke`` shrinks everything to run in seconds."""
-
-    out: Path
-    smoke: bool = False
-    size: tuple[int, int] = FULL_SIZE
-    videos: int = 4
-    frames: int = 10
-    many: int = 10  # the "about ten" frames of the scale-up stage
-    epochs: int = 5
-    batch_size: int = 4
-    seed: int = 0
-    resume: bool = False  # continue interrupted stages
-
-    @classmethod
-    def make(cls, out: str, smoke: bool, study_resolution: bool, **overrides: Any) -> RunConfig:
-        cfg = cls(Path(out), smoke=smoke, size=STUDY_SIZE if study_resolution else FULL_SIZE)
-        if smoke:
-            cfg.size, cfg.videos, cfg.frames, cfg.many, cfg.epochs, cfg.batch_size = (
-                (64, 112) if not study_resolution else (40, 80), 2, 4, 3, 2, 2)
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        return cfg
 
 
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def dataset(cfg: RunConfig, num_inputs: int, videos: tuple[str, ...] | None = None) -> list[Sample]:
-    names = videos if videos is not None else VIDEOS[: cfg.videos]
-    return samples([make_video(n, cfg.frames, cfg.seed + i) for i, n in enumerate(names)], num_inputs, cfg.size)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic JSON write (rank 0 only)."""
-    if world()[0] == 0:
-        atomic_write(path, json.dumps(data, indent=2, default=str).encode())
-
-
-def rebuild(meta: dict[str, Any]) -> nn.Module:
-    """A model of the architecture a checkpoint's metadata describes (weights not loaded)."""
-    model = CoordNet(pretrained=False)
-    if meta["num_inputs"] > 1:
-        inflate_first_conv(model, meta["num_inputs"], init=meta["init"],
-                           example_input=torch.zeros(1, 3, 64, 112))
-    return model
-
-
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    state, meta = load_checkpoint(path)
-    model = rebuild(meta)
-    model.load_state_dict(state)
-    return model.to(device()), meta
-
-
-def stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: str | None, fit_cfg: FitConfig,
-          data: list[Sample]) -> tuple[nn.Module, History]:
-    """Train one stage; a complete stored stage is reused, an interrupted one continues with --resume.
-
-    A stage stored with another data configuration (size, videos, frames, seed, batch size)
-    is refused rather than mixed in.
-    """
+def train_stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: str | None, steps: int,
+                stream: int) -> tuple[nn.Module, History]:
+    """Train (or reuse, or continue) one stage on the sample stream ``stream``: all layers, Adam ``cfg.lr``."""
     path = cfg.out / "models" / name
-    meta = {"stage": name, "architecture": "CoordNet(tf_efficientnet_lite0)", "num_inputs": num_inputs,
-            "init": init, "run": {k: str(v) for k, v in asdict(cfg).items()}}
-    if Path(f"{path}.safetensors").exists():
-        state, stored = load_checkpoint(path)
-        keys = ("size", "videos", "frames", "seed", "batch_size")
-        differ = [f"{k}: {stored['run'].get(k)} there, {meta['run'][k]} now" for k in keys
-                  if stored["run"].get(k) != meta["run"][k]]
-        if differ:
-            raise SystemExit(f"{path}: stored with another configuration ({'; '.join(differ)}); choose another --out")
-        done = len(stored["history"]["epochs"])
-        if done >= fit_cfg.epochs:
-            model.load_state_dict(state)
-            return model.to(device()), History.from_json(stored["history"])
-        if not cfg.resume:
-            raise SystemExit(f"{path}: an interrupted stage ({done} of {fit_cfg.epochs} epochs); "
-                             "pass --resume to continue it or choose another --out")
-    history = fit(model.to(device()), data, fit_cfg, checkpoint=path, metadata=meta, progress=name)
+    model = model.to(device())
+    if (found := store.stored(cfg, path, steps)) is not None:
+        model.load_state_dict(found[0])
+        return model, History.from_json(found[1]["history"])
+    fit_cfg = FitConfig(policy="all", optimizer="adam", lr=cfg.lr, steps=steps, save_every=cfg.save_every)
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return training_batch(cfg.seed * 100 + stream, step, cfg.batch_size, cfg.frames, num_inputs, cfg.size,
+                              cfg.training_photos, part=ddp.world())
+
+    history = fit(model, batches, fit_cfg, checkpoint=path, metadata=store.metadata(cfg, name, num_inputs, init),
+                  progress=name)
     return model, history
 
 
-def single_stage(cfg: RunConfig) -> tuple[nn.Module, History]:
-    """Stage 1: the pretrained encoder + decoder trained on single frames (all layers, Adam)."""
-    fit_cfg = FitConfig(policy="all", lr=3e-4, optimizer="adam", epochs=cfg.epochs, batch_size=cfg.batch_size,
-                        cache=False)
-    torch.manual_seed(cfg.seed)
-    return stage(cfg, "single", CoordNet(), 1, None, fit_cfg, dataset(cfg, 1))
-
-
-def inflated(single: nn.Module, num_inputs: int, init: str, **kwargs: Any) -> nn.Module:
+def inflated(single: nn.Module, num_inputs: int, init: str = "zero", **kwargs: Any) -> nn.Module:
+    """A copy of ``single`` whose stem reads ``num_inputs`` frames (``init="zero"``: same outputs as ``single``)."""
     example = torch.zeros(1, 3, 64, 112, device=next(single.parameters()).device)
     return inflate_first_conv(copy.deepcopy(single), num_inputs, init=init, example_input=example, **kwargs)
 
 
-def multi_stage(cfg: RunConfig, single: nn.Module, name: str, num_inputs: int) -> tuple[nn.Module, History]:
-    """Inflate the single-frame model (zero rule: it starts exactly as the single-frame model),
-    then fine-tune all layers with the study's best setting, SGD lr 0.101, clipping gradient
-    values at 0.1."""
-    fit_cfg = FitConfig(policy="all", lr=0.101, epochs=cfg.epochs, batch_size=cfg.batch_size, clip_value=0.1)
-    return stage(cfg, name, inflated(single, num_inputs, "zero"), num_inputs, "zero", fit_cfg,
-                 dataset(cfg, num_inputs))
+def single_frame_model(cfg: RunConfig) -> tuple[nn.Module, History]:
+    """Step 1: the coordinate network on ImageNet weights, trained on single frames (stage ``base``)."""
+    torch.manual_seed(cfg.seed)
+    return train_stage(cfg, "base", CoordNet(), 1, None, cfg.base_steps, stream=0)
 
 
-def equivalence(cfg: RunConfig, single: nn.Module, epochs: int | None = None) -> dict[str, Any]:
-    """The study's check: single-input vs two-input with zeroed second-half weights, last layer only,
-    SGD lr 0.101, trained identically; and a control inflated with the plain repeat (no zeroing)."""
-    epochs = epochs or max(cfg.epochs, 3)
-    fit_cfg = FitConfig(policy="last", lr=0.101, epochs=epochs, batch_size=cfg.batch_size)
-    one = copy.deepcopy(single)
-    two = inflated(single, 2, "zero")
-    control = inflated(single, 2, "repeat", scale=False)  # the study's weight.repeat(1, 2, 1, 1)
-    data1, data2 = dataset(cfg, 1), dataset(cfg, 2)
-    h1 = fit(one, data1, fit_cfg, progress="single-input")
-    h2 = fit(two, data2, fit_cfg, progress="two-input (zeroed)")
-    hc = fit(control, data2, fit_cfg, progress="two-input (repeat)")
-    with torch.no_grad():
-        one.eval(), two.eval()
-        pred_diff = max((one(s1.inputs[None].to(device())) - two(s2.inputs[None].to(device()))).abs().max().item()
-                        for s1, s2 in zip(data1, data2))
-    return {"single": h1.epochs[-1], "zeroed": h2.epochs[-1], "repeat_control": hc.epochs[-1],
-            "diff": abs(h1.epochs[-1] - h2.epochs[-1]), "control_diff": abs(h1.epochs[-1] - hc.epochs[-1]),
-            "max_prediction_diff": pred_diff, "epochs": epochs,
-            "curves": {"single": h1.epochs, "zeroed": h2.epochs, "repeat_control": hc.epochs}}
+def train_models(cfg: RunConfig) -> dict[str, tuple[nn.Module, int, History]]:
+    """Steps 1-4: the single-frame model, then single (continued), pair and frames<many>, trained alike."""
+    base, h0 = single_frame_model(cfg)
+    models = {"base": (base, 1, h0)}
+    for name, n in (("single", 1), ("pair", 2), (f"frames{cfg.many}", cfg.many)):
+        start = copy.deepcopy(base) if n == 1 else inflated(base, n)
+        model, history = train_stage(cfg, name, start, n, None if n == 1 else "zero", cfg.steps, stream=1)
+        models[name] = (model, n, history)
+    return models
 
 
-POLICIES = ("last", "first+last", "first+second+last", "all")
+def evaluation(cfg: RunConfig, models: dict[str, tuple[nn.Module, int]]) -> dict[str, Any]:
+    """Step 5: every model and baseline on held-out photos, training photos and the Middlebury pair."""
+    methods = evaluate.methods(models, cfg.size, cfg.flow_size)
+    targets = eval_targets(cfg.frames, cfg.eval_targets)
+    heldout = [make_video(n, cfg.frames, 10_000 + i) for i, n in enumerate(cfg.heldout_videos)]
+    seen = [make_video(n, cfg.frames, 20_000 + i) for i, n in enumerate(cfg.train_videos)]
+    pair = stereo_pair()
+    evaluate.figures(cfg.out, heldout[0], targets[-1], pair, methods)
+    return {"heldout_videos": list(cfg.heldout_videos), "train_videos": list(cfg.train_videos),
+            "training_photos": list(cfg.training_photos), "targets": targets,
+            "heldout": evaluate.score_videos(heldout, targets, methods),
+            "train": evaluate.score_videos(seen, targets, methods),
+            "stereo": evaluate.score_stereo(pair, methods)}
 
 
-def sweep(cfg: RunConfig, single: nn.Module, clip_value: float = 0.01) -> list[dict[str, Any]]:
-    """Policies x lr {0.101, 0.05} x {no clipping, value clipping}: final losses and curves."""
-    data = dataset(cfg, 2, VIDEOS[: max(1, cfg.videos // 2)])
-    results = []
-    for policy in POLICIES:
-        for lr in (0.101, 0.05):
-            for clip in (None, clip_value):
-                fit_cfg = FitConfig(policy=policy, lr=lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                    clip_value=clip)
-                label = f"{policy} lr={lr} clip={clip}"
-                history = fit(inflated(single, 2, "zero"), data, fit_cfg, progress=label)
-                results.append({"policy": policy, "lr": lr, "clip": clip, "final": history.epochs[-1],
-                                "steps": history.steps, "spikes": history.spikes})
-    return results
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """The whole example: train, evaluate, store; returns what ``metrics.json`` holds (rank 0)."""
+    started = time.time()
+    trained = train_models(cfg)
+    metrics: dict[str, Any] = {"config": cfg.to_json(), "seconds_training": time.time() - started,
+                               "train_loss": {k: sum(h.steps[-20:]) / len(h.steps[-20:]) for k, (_, _, h)
+                                              in trained.items()}}
+    if ddp.world()[0] == 0:
+        metrics.update(evaluation(cfg, {k: (m, n) for k, (m, n, _) in trained.items()}))
+        evaluate.learning_curves(cfg.out / "learning_curves.png", {k: {"steps": h.steps, "spikes": h.spikes} for k, (
+            _, _, h) in trained.items()}, "training loss per step (spikes in red)")
+    metrics["seconds"] = time.time() - started
+    return metrics

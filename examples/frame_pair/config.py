@@ -1,0 +1,74 @@
+"""What a run does: presets (``smoke`` for tests, ``demo`` for 2 CPU cores, ``long`` for a GPU) and overrides.
+
+Imports neither torch nor the example's other modules, so the command line is checked fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+# Photos are split by name. Training: colour photos, and grayscale textures (tinted by the colour
+# jitter). Held out: never seen in training.
+TRAIN_PHOTOS = ("astronaut", "chelsea", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel",
+                "camera", "grass", "gravel", "brick", "moon")
+HELDOUT_PHOTOS = ("coffee", "rocket")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run. Sizes are (height, width); every stage's targets are coordinates of the 360x640 space."""
+
+    out: Path
+    preset: str = "demo"
+    size: tuple[int, int] = (180, 320)  # model input
+    frames: int = 10  # frames per video
+    many: int = 10  # inputs of the scale-up stage
+    videos: int = len(TRAIN_PHOTOS)  # training photos used (the first ones)
+    batch_size: int = 4
+    base_steps: int = 60  # the single-frame model ("pretrained single-frame model")
+    steps: int = 150  # each compared stage: single, pair, frames<many>
+    lr: float = 3e-4  # Adam, all layers, every stage
+    save_every: int = 25
+    eval_targets: int = 3  # target frames scored per evaluation video
+    train_eval: int = 3  # training photos scored (new motions, centre crops)
+    flow_size: tuple[int, int] = (360, 640)  # resolution the classical baselines run at
+    study_batches: int = 9  # equivalence and sweep: a fixed set of this many batches ...
+    study_epochs: int = 5  # ... seen this many times (the study overfits a fixed set)
+    seed: int = 0
+    resume: bool = False
+
+    @property
+    def training_photos(self) -> tuple[str, ...]:
+        return TRAIN_PHOTOS[: self.videos]
+
+    @property
+    def train_videos(self) -> tuple[str, ...]:
+        return self.training_photos[: self.train_eval]
+
+    @property
+    def heldout_videos(self) -> tuple[str, ...]:
+        return HELDOUT_PHOTOS
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"size": (64, 112), "frames": 4, "many": 3, "videos": 3, "batch_size": 2, "base_steps": 2, "steps": 4,
+              "save_every": 2, "eval_targets": 1, "train_eval": 1, "flow_size": (64, 112), "study_batches": 2,
+              "study_epochs": 2},
+    "demo": {},
+    # for a GPU machine: inputs at the coordinate resolution, larger batches, many more steps
+    "long": {"size": (360, 640), "batch_size": 16, "base_steps": 2000, "steps": 20000, "lr": 2e-4, "save_every": 500,
+             "eval_targets": 9, "train_eval": len(TRAIN_PHOTOS), "study_batches": 9, "study_epochs": 20},
+}
+STUDY_SIZE = (120, 240)
+
+
+def make(out: str | Path, preset: str = "demo", **overrides: Any) -> RunConfig:
+    """The preset's configuration with the given overrides (None means: keep the preset's value)."""
+    cfg = replace(RunConfig(Path(out), preset), **PRESETS[preset])
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
