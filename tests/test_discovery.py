@@ -244,3 +244,79 @@ def test_shared_modules_get_their_own_parameters_back():
     assert {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)} == params
     assert not any(p.is_meta for p in model.parameters())
     model(X)  # still runs for real
+
+
+def _tiny_csatv2():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.create_model("csatv2", dims=(16, 24, 32, 40), depths=(1, 1, 1, 1), transformer_depths=(0, 0, 1, 1),
+                             num_classes=10).double().eval()
+
+
+def test_csatv2_dct_stem_reads_each_input_on_its_own(tmp_path):
+    """CSATv2's stem converts RGB to YCbCr in code and takes the DCT of each component:
+    rewritten to convert each input on its own, its three convs read one block of 64
+    coefficients per input. Both rules exact in float64; with a rule that gives input 2
+    twice input 1's kernel, the stem's output is the original stem's on input 1 plus twice
+    its response to input 2 (each input converted on its own); it saves and loads whole,
+    inflates again, and the original class, widened by hand, cannot read 6 channels."""
+    net = _tiny_csatv2()
+    x1, x2, x3, x4 = torch.rand(4, 2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before, stem1, stem2 = net(x1), net.stem_dct(x1), net.stem_dct(x2)
+    assert find_input_layers(net, x1) == ["stem_dct.conv_y", "stem_dct.conv_cb", "stem_dct.conv_cr"]
+    assert type(net.stem_dct).__name__ == "LearnableDct2d"  # finding changes nothing
+    zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=x1)
+    assert type(zero.stem_dct).__name__ == "PerInputLearnableDct2d" and zero.stem_dct.conv_y.in_channels == 128
+    assert set(zero.state_dict()) == set(net.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(zero(torch.cat([x1, x2], 1)), before, rtol=1e-12, atol=0)
+    rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=x1)
+    with torch.no_grad():
+        torch.testing.assert_close(rep(torch.cat([x1, x1], 1)), before, rtol=1e-12, atol=0)
+        assert (rep(torch.cat([x1, x2], 1)) - before).abs().max() > 1e-3  # it reads input 2
+    twice = inflate_first_conv(copy.deepcopy(net), 2, init=lambda kernel, i, c: kernel * (1 + i), example_input=x1)
+    bias = torch.cat([net.stem_dct.conv_y.bias, net.stem_dct.conv_cb.bias, net.stem_dct.conv_cr.bias])[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(twice.stem_dct(torch.cat([x1, x2], 1)), stem1 + 2 * (stem2 - bias),
+                                   rtol=1e-12, atol=1e-12)
+        # negative control: inputs converted together (channels 1-3 of input 1 with 4-6 of input 2) differ
+        mixed = torch.cat([x1[:, :2], x2[:, :1], x1[:, 2:], x2[:, 1:]], 1)
+        assert (twice.stem_dct(mixed) - (stem1 + 2 * (stem2 - bias))).abs().max() > 1e-3
+    torch.save(zero, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.cat([x1, x2], 1)), before, rtol=1e-12, atol=0)
+    again = inflate_first_conv(loaded, 2, init="zero", example_input=torch.cat([x1, x2], 1))
+    assert again.stem_dct.conv_y.in_channels == 256
+    with torch.no_grad():
+        torch.testing.assert_close(again(torch.cat([x1, x2, x3, x4], 1)), before, rtol=1e-12, atol=0)
+    by_hand = copy.deepcopy(zero)  # negative control: the convs widened, the class left as it was
+    by_hand.stem_dct.__class__ = type(net.stem_dct)
+    with pytest.raises(RuntimeError), torch.no_grad():
+        by_hand(torch.cat([x1, x2], 1))
+
+
+def test_csatv2_stem_refuses_inputs_that_are_not_rgb_and_stays_untouched():
+    net = _tiny_csatv2()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(InflateError, match=r"stem_dct.conv_y.*multiple of 3 channels, got \(3, 1\)"):
+        inflate_first_conv(net, 2, channels=[3, 1], example_input=torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    assert type(net.stem_dct).__name__ == "LearnableDct2d" and net.stem_dct.conv_y.in_channels == 64
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
+def test_the_rewritten_dct_stem_is_the_original_bit_for_bit():
+    from inflate._rewrites import find, rewritten
+
+    net = _tiny_csatv2()
+    for dtype in (torch.float32, torch.float64):
+        net.to(dtype)
+        x = torch.randn(2, 3, 32, 48, dtype=dtype)
+        with torch.no_grad():
+            expected = net.stem_dct(x)
+            with rewritten(find(net)):
+                assert type(net.stem_dct).__name__ == "PerInputLearnableDct2d"
+                got = net.stem_dct(x)
+        assert torch.equal(got, expected)
+    assert type(net.stem_dct).__name__ == "LearnableDct2d"  # put back

@@ -38,6 +38,7 @@ TIMM_SAMPLE = {
     "dla34": ((3, 64, 64), {}, "DLA base layer"),
     "inception_v3": ((3, 96, 96), {}, "Inception stem"),
     "tnt_s_patch16_224": ((3, 64, 64), {"img_size": 64}, "TNT: F.unfold pixel embedding, then a conv"),
+    "csatv2": ((3, 64, 64), {}, "YCbCr DCT stem, rewritten to convert each input on its own"),
     "test_nfnet": ((3, 64, 64), {}, "weight-standardized stem (ScaledStdConv2d), standardized per input"),
     "nf_resnet26": ((3, 64, 64), {}, "NF-ResNet: ScaledStdConv2d stem"),
     "resnetv2_50x1_bit": ((3, 64, 64), {}, "BiT: StdConv2d stem"),

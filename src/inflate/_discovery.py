@@ -49,13 +49,24 @@ class InputLayer:
         name: qualified module name (as in ``model.named_modules()``).
         param: attribute of the module that holds the weight.
         layout: where the input channels sit in the weight.
-        channels: ``C``, the channel count of the input it reads.
+        channels: ``C``, the channel count of the input it reads (with ``unit``: the
+            channels of its kernel, one per ``unit`` input channels).
+        unit: for a conv inside a stem that converts each input on its own before it
+            (CSATv2's YCbCr DCT stem, see :mod:`inflate._rewrites`), the input channels
+            that one channel of its kernel stands for (3: one RGB image per block of
+            ``layout.inner`` coefficients); None when its kernel's channels are the input's.
     """
 
     name: str
     param: str
     layout: KernelLayout
     channels: int
+    unit: int | None = None
+
+    @property
+    def input_channels(self) -> int:
+        """``C``, the channel count of the model input."""
+        return self.channels * (self.unit or 1)
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,39 @@ class _InputTracer(Tracer):
         self.plain_uses: set[Hashable] = set()  # keys of roots read by operations that do not involve the input
         self.list_roots: dict[int, tuple[Tensor, tuple[str, str]]] = {}  # tensors made of a module's list
         self.blanks = Blanks(self.tag, self.mark)  # tensors made blank, which the input may be copied into
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        reads = rewriting.reader(module) if self.opaque is None else None
+        super().enter(module, args)
+        if reads is not None:
+            self._read_whole(module, args[0] if args else None, reads)
+
+    def _read_whole(self, module: nn.Module, x: Any, reads: rewriting.Reader) -> None:
+        """A rewritten stem that reads the input as a whole (not followed inside): its convs read the input."""
+        tag = self.tag(x)
+        where = self.stack[-1]
+        if tag is None:
+            return
+        if isinstance(tag, Lost):
+            self.problems.append(f"layer {where} reads the input only after {tag.why}, which mixes or transforms "
+                                 "channels in a way inflate cannot follow")
+        elif tag != Channels(1) or x.ndim != 4 or self.channels % reads.channels:
+            self.problems.append(f"layer {where} converts inputs of {reads.channels} channels on axis 1 of a "
+                                 f"(B, C, H, W) input, expected such an input, got shape {tuple(x.shape)} with "
+                                 f"the input's {self.channels} channels at {tag}")
+        else:
+            for child, inner in reads.layers:
+                conv = module.get_submodule(child)
+                owners = self.owners.get(id(conv.weight), [])
+                if len(owners) != 1:
+                    self.problems.append(f"layer {where}: expected its conv '{child}' to own its weight, "
+                                         f"found it in {[o[0] for o in owners]}")
+                    continue
+                layer = InputLayer(owners[0][0], owners[0][1], KernelLayout("conv", groups=conv.groups, inner=inner),
+                                   self.channels // reads.channels, unit=reads.channels)
+                if self.found.setdefault(layer.name, layer) != layer:
+                    self.problems.append(f"layer '{layer.name}' reads the input in two different layouts")
+            self.last_layer = len(self.steps)
 
     def start(self, call: Call) -> None:
         self.channels = call.channels

@@ -177,7 +177,7 @@ def inflate_first_conv(
     rewrites = rewriting.find(target)  # forwards that index channels in code, in an equal form
     with rewriting.rewritten(rewrites):
         layers, found = _input_layers(target, input_layers, example_input, input_arg)
-        c = layers[0].channels
+        c = layers[0].input_channels
         counts = tuple(channels) if channels is not None else (c,) * num_inputs
         changes = surgery.plan(target, layers, counts, init, scale)
         if found is not None:

@@ -13,6 +13,16 @@ list (rule 6 on the concepts page). Each element goes through the same two round
 in the original (a multiply, then an add, in the input's dtype), so the rewritten model is
 bit for bit the original.
 
+timm's CSATv2 converts RGB to YCbCr in its DCT stem (``LearnableDct2d``): each output
+channel mixes the three input channels, then each of Y, Cb and Cr goes through a DCT of
+8x8 patches to its own 1x1 conv. The rewrite (``PerInputLearnableDct2d``) makes the same
+computation for ``N`` inputs of 3 channels each: every input gets its own YCbCr conversion
+and DCT, and each conv reads the ``N`` inputs' coefficients side by side (``N * 64``
+channels, one block per input). With one input it runs exactly the original's operations on
+the same tensors, so it is bit for bit the original. Such a stem reads the input as a whole
+(:func:`reader`): the tracker does not follow the operations inside it, it records its convs
+as the layers that read the input, one block of 64 coefficients per input of 3 channels.
+
 The rewrite swaps the module's class for a subclass defined here (``isinstance`` holds and
 the ``state_dict`` is unchanged; ``torch.save`` of the whole model pickles the subclass by
 name), for the duration of discovery and of the check, and for good only when the inflation
@@ -29,13 +39,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Rewrite", "find", "rewritten", "commit"]
+__all__ = ["Rewrite", "Reader", "find", "reader", "rewritten", "commit"]
 
 #: torchvision's per-channel input transform (the same numbers in GoogLeNet and Inception v3)
 _SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
 _SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 #: (module, class name) of the torchvision models whose ``_transform_input`` is rewritten
 _KNOWN = {("torchvision.models.googlenet", "GoogLeNet"), ("torchvision.models.inception", "Inception3")}
+#: (module, class name) of the stems that convert each input's colours in code, rewritten to read inputs one by one
+_STEMS = {("timm.models.csatv2", "LearnableDct2d")}
 _CLASSES: dict[str, type] = {}
 
 
@@ -59,12 +71,75 @@ def _subclass(base: type) -> type:
     return cls
 
 
+def _dct_coefficients(self: nn.Module, x: Tensor) -> Tensor:
+    """``(B, 3, H, W)`` -> ``(B, 3, k*k, H/k, W/k)``: YCbCr, then the normalized DCT of each k x k patch,
+    the operations of timm's ``LearnableDct2d.forward`` up to its convs."""
+    b, c, h, w = x.shape
+    k = self.k
+    x = self._rgb_to_ycbcr(self._denormalize(x))
+    x = x.reshape(b, c, h // k, k, w // k, k).permute(0, 2, 4, 1, 3, 5)  # (B, H/k, W/k, C, k, k)
+    x = self.transform(x).reshape(-1, c, k * k)[:, :, self.permutation]
+    x = self._frequency_normalize(x).reshape(b, h // k, w // k, c, -1)
+    return x.permute(0, 3, 4, 1, 2).contiguous()
+
+
+def _dct_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Inputs of 3 channels side by side, ``(B, N*3, H, W)``: each converted and transformed on
+    its own; conv ``j`` (Y, Cb, Cr) reads component ``j`` of every input, ``N * k*k`` channels."""
+    b, c, h, w = x.shape
+    if c % 3:
+        raise ValueError(f"{type(self).__name__}: expected inputs of 3 channels (RGB) side by side, got {c} channels")
+    n = c // 3
+    coefficients = _dct_coefficients(self, x.reshape(b * n, 3, h, w))
+    coefficients = coefficients.reshape(b, n, *coefficients.shape[1:])  # (B, N, 3, k*k, H/k, W/k)
+    convs = (self.conv_y, self.conv_cb, self.conv_cr)
+    return torch.cat([conv(coefficients[:, :, j].flatten(1, 2)) for j, conv in enumerate(convs)], dim=1)
+
+
+def _stem_subclass(base: type) -> type:
+    name = f"PerInput{base.__name__}"
+    cls = _CLASSES.get(name)
+    if cls is None:
+        doc = (f"timm's {base.__name__} for inputs of 3 channels side by side, each converted to YCbCr and "
+               "transformed on its own (made by :func:`inflate.inflate_first_conv`).")
+        cls = _CLASSES[name] = type(name, (base,), {"forward": _dct_forward, "__module__": __name__,
+                                                    "__qualname__": name, "__doc__": doc})
+    return cls
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A rewritten stem that reads the input as a whole, each input on its own.
+
+    Attributes:
+        channels: the channels of one input it converts (3: RGB).
+        layers: ``(child, inner)`` of each conv that reads the converted inputs: its kernel
+            holds one block of ``inner`` channels per input.
+    """
+
+    channels: int
+    layers: tuple[tuple[str, int], ...]
+
+
+def reader(module: nn.Module) -> Reader | None:
+    """What a rewritten stem reads, if ``module`` is one (see the module docstring)."""
+    if type(module).__name__ == "PerInputLearnableDct2d" and _CLASSES.get("PerInputLearnableDct2d") is type(module):
+        inner = module.k * module.k
+        return Reader(3, (("conv_y", inner), ("conv_cb", inner), ("conv_cr", inner)))
+    return None
+
+
 def __getattr__(name: str) -> type:
     """The subclasses by name, made on first use: what unpickling a saved model asks for."""
     if name in ("PerInputGoogLeNet", "PerInputInception3"):
         import torchvision.models as models  # noqa: PLC0415 - only models that were rewritten need it
 
         return _subclass(getattr(models, name[len("PerInput"):]))
+    if name == "PerInputLearnableDct2d":
+        import importlib  # noqa: PLC0415 - only models that were rewritten need timm
+
+        # by path: ``timm.models.csatv2`` as an attribute is the model function of that name
+        return _stem_subclass(importlib.import_module("timm.models.csatv2").LearnableDct2d)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -84,6 +159,8 @@ def find(model: nn.Module) -> list[Rewrite]:
         kind = type(module)
         if (kind.__module__, kind.__name__) in _KNOWN and getattr(module, "transform_input", False) is True:
             found.append(Rewrite(module, _subclass(kind), {"input_scale": list(_SCALE), "input_shift": list(_SHIFT)}))
+        elif (kind.__module__, kind.__name__) in _STEMS:
+            found.append(Rewrite(module, _stem_subclass(kind), {}))
     return found
 
 

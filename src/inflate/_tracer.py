@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from . import _ops as ops
+from . import _rewrites as rewriting
 from . import _standardized as standardized
 from ._call import Call, Example, as_call
 from ._configs import config_calls
@@ -68,6 +69,7 @@ class Tracer(TorchFunctionMode):
         self.snapshots: Snapshots = []  # module __dict__s as the call began, and their copies
         self.call: Call | None = None  # the call as it ran (meta or real arguments)
         self.buffer_owners: Owners = {}  # id(buffer stand-in) -> [(module name, attribute)]
+        self.opaque: nn.Module | None = None  # a stem that reads the input as a whole, being called
 
     def where(self) -> str:
         """`` in 'name' (Class)`` of the module being called, for messages; empty at the root."""
@@ -77,6 +79,8 @@ class Tracer(TorchFunctionMode):
         """Called as a module's forward begins (with ``stack=True``)."""
         self.stack.append(label(self.modules.get(id(module), "?"), module))
         self.objects.append(module)
+        if self.opaque is None and rewriting.reader(module) is not None:
+            self.opaque = module  # its operations are neither followed nor recorded (see inflate._rewrites)
         tensors = standardized.weight_tensors(module)
         if tensors is not None:
             self.computing[id(module)] = tensors
@@ -84,7 +88,8 @@ class Tracer(TorchFunctionMode):
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         """Called as a module's forward returns (with ``stack=True``)."""
         self.stack.pop()
-        self.objects.pop()
+        if self.objects.pop() is self.opaque:
+            self.opaque = None
 
     def attributes_changed(self) -> bool:
         """Whether the forward so far set, replaced or deleted any module attribute."""
@@ -102,6 +107,8 @@ class Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self.opaque is not None:  # inside a stem that reads the input as a whole: seen from outside only
+            return self._call(func, args, kwargs)
         side = self.computing.get(id(self.objects[-1])) if self.computing and self.objects else None
         operands = ops.tensors((args, kwargs)) if side is not None else []
         if operands and all(side.get(id(t)) is t for t in operands):  # type: ignore[union-attr]
@@ -168,7 +175,8 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
             if tracer.failed_in is None:
                 tracer.failed_in = list(tracer.stack)
             tracer.stack.pop()
-            tracer.objects.pop()
+            if tracer.objects.pop() is tracer.opaque:
+                tracer.opaque = None
             return
         try:
             tracer.leave(module, args, out)
