@@ -138,8 +138,12 @@ def test_an_inflated_transformers_model_saves_and_loads(name, tmp_path):
     wide.save_pretrained(tmp_path)
     loaded = type(wide).from_pretrained(tmp_path).double().eval()
     assert loaded.config.num_channels == 4
+    saved, back = wide.state_dict(), loaded.state_dict()
+    assert set(back) == set(saved) and all(torch.equal(back[k], saved[k]) for k in saved)
     x = torch.randn(2, 4, _size(model), _size(model), dtype=D)
-    assert torch.equal(_Out(loaded)(x), _Out(wide)(x))
+    # the same weights; the loaded model may take other kernel paths (transformers 5.24 differs
+    # in the last bit of a float64 ViT's output), so the outputs agree to rounding, not bit for bit
+    torch.testing.assert_close(_Out(loaded)(x), _Out(wide)(x), rtol=1e-12, atol=1e-12)
 
 
 def test_a_config_that_would_not_rebuild_the_inflated_model_is_refused():
