@@ -264,16 +264,17 @@ def test_csatv2_dct_stem_reads_each_input_on_its_own(tmp_path):
     x1, x2, x3, x4 = torch.rand(4, 2, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         before, stem1, stem2 = net(x1), net.stem_dct(x1), net.stem_dct(x2)
+    tol = {"rtol": 1e-12, "atol": 1e-12 * before.abs().max()}  # float64 rounding is ~1e-16 relative
     assert find_input_layers(net, x1) == ["stem_dct.conv_y", "stem_dct.conv_cb", "stem_dct.conv_cr"]
     assert type(net.stem_dct).__name__ == "LearnableDct2d"  # finding changes nothing
     zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=x1)
     assert type(zero.stem_dct).__name__ == "PerInputLearnableDct2d" and zero.stem_dct.conv_y.in_channels == 128
     assert set(zero.state_dict()) == set(net.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(zero(torch.cat([x1, x2], 1)), before, rtol=1e-12, atol=0)
+        torch.testing.assert_close(zero(torch.cat([x1, x2], 1)), before, **tol)
     rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=x1)
     with torch.no_grad():
-        torch.testing.assert_close(rep(torch.cat([x1, x1], 1)), before, rtol=1e-12, atol=0)
+        torch.testing.assert_close(rep(torch.cat([x1, x1], 1)), before, **tol)
         assert (rep(torch.cat([x1, x2], 1)) - before).abs().max() > 1e-3  # it reads input 2
     twice = inflate_first_conv(copy.deepcopy(net), 2, init=lambda kernel, i, c: kernel * (1 + i), example_input=x1)
     bias = torch.cat([net.stem_dct.conv_y.bias, net.stem_dct.conv_cb.bias, net.stem_dct.conv_cr.bias])[:, None, None]
@@ -286,11 +287,11 @@ def test_csatv2_dct_stem_reads_each_input_on_its_own(tmp_path):
     torch.save(zero, tmp_path / "net.pt")
     loaded = torch.load(tmp_path / "net.pt", weights_only=False)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(torch.cat([x1, x2], 1)), before, rtol=1e-12, atol=0)
+        torch.testing.assert_close(loaded(torch.cat([x1, x2], 1)), before, **tol)
     again = inflate_first_conv(loaded, 2, init="zero", example_input=torch.cat([x1, x2], 1))
     assert again.stem_dct.conv_y.in_channels == 256
     with torch.no_grad():
-        torch.testing.assert_close(again(torch.cat([x1, x2, x3, x4], 1)), before, rtol=1e-12, atol=0)
+        torch.testing.assert_close(again(torch.cat([x1, x2, x3, x4], 1)), before, **tol)
     by_hand = copy.deepcopy(zero)  # negative control: the convs widened, the class left as it was
     by_hand.stem_dct.__class__ = type(net.stem_dct)
     with pytest.raises(RuntimeError), torch.no_grad():
@@ -320,3 +321,71 @@ def test_the_rewritten_dct_stem_is_the_original_bit_for_bit():
                 got = net.stem_dct(x)
         assert torch.equal(got, expected)
     assert type(net.stem_dct).__name__ == "LearnableDct2d"  # put back
+
+
+def _mixed_stem(channels, out, kernels, depthwise=False):
+    from timm.layers import MixedConv2d
+
+    torch.manual_seed(0)
+    return nn.Sequential(MixedConv2d(channels, out, kernels, padding="same", depthwise=depthwise, bias=True), nn.ReLU(),
+                         nn.Conv2d(out, 5, 3)).double().eval()
+
+
+@pytest.mark.parametrize("channels, out, kernels, depthwise", [(3, 12, [3, 5, 7], False), (4, 8, [3, 5], True)])
+def test_a_mixed_conv_reading_the_input_splits_each_input(channels, out, kernels, depthwise, tmp_path):
+    """timm's MixedConv2d splits the input's channels among convs of different kernel sizes:
+    rewritten so that each input is split alike and conv j reads split j of every input
+    (a depthwise split becomes a dense conv). Both rules exact in float64; with input 2 given
+    twice input 1's kernel, the output is the original on input 1 plus twice its response to
+    input 2; only the MixedConv2d that reads the input keeps the rewrite."""
+    pytest.importorskip("timm")
+    net = _mixed_stem(channels, out, kernels, depthwise)
+    net.append(_mixed_stem(5, 6, [3, 5])[0])  # a MixedConv2d that does not read the input
+    x1, x2 = torch.rand(2, 2, channels, 12, 12, dtype=torch.float64)
+    with torch.no_grad():
+        before, stem1, stem2 = net(x1), net[0](x1), net[0](x2)
+    tol = {"rtol": 1e-12, "atol": 1e-12 * before.abs().max()}  # float64 rounding is ~1e-16 relative
+    assert find_input_layers(net, x1) == [f"0.{j}" for j in range(len(kernels))]
+    zero = inflate_first_conv(copy.deepcopy(net), 2, init="zero", example_input=x1)
+    assert [type(m).__name__ for m in (zero[0], zero[3])] == ["PerInputMixedConv2d", "MixedConv2d"]
+    assert all(conv.groups == 1 for conv in zero[0].values())
+    rep = inflate_first_conv(copy.deepcopy(net), 2, init="repeat", example_input=x1)
+    twice = inflate_first_conv(copy.deepcopy(net), 2, init=lambda kernel, i, c: kernel * (1 + i), example_input=x1)
+    bias = torch.cat([conv.bias for conv in net[0].values()])[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(zero(torch.cat([x1, x2], 1)), before, **tol)
+        torch.testing.assert_close(rep(torch.cat([x1, x1], 1)), before, **tol)
+        assert (rep(torch.cat([x1, x2], 1)) - before).abs().max() > 1e-3  # it reads input 2
+        expected = stem1 + 2 * (stem2 - bias)
+        torch.testing.assert_close(twice[0](torch.cat([x1, x2], 1)), expected, rtol=1e-12, atol=1e-12)
+        swapped = torch.cat([x2[:, :1], x1[:, 1:], x1[:, :1], x2[:, 1:]], 1)  # negative control: channel 0 swapped
+        assert (twice[0](swapped) - expected).abs().max() > 1e-3
+    torch.save(zero, tmp_path / "net.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "net.pt", weights_only=False)(torch.cat([x1, x2], 1)),
+                                   before, **tol)
+    by_hand = copy.deepcopy(zero)  # negative control: the convs widened, the class left as it was
+    by_hand[0].__class__ = type(net[0])
+    with pytest.raises(RuntimeError), torch.no_grad():
+        by_hand(torch.cat([x1, x2], 1))
+
+
+def test_a_mixed_conv_reading_permuted_channels_or_another_count_is_refused():
+    pytest.importorskip("timm")
+
+    class Permuted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mixed = _mixed_stem(3, 6, [3, 5])[0]
+
+        def forward(self, x):
+            return self.mixed(x[:, [2, 0, 1]])
+
+    net = Permuted().double()
+    with pytest.raises(InflateError, match="mixed.*reads the input only after"):
+        inflate_first_conv(net, 2, example_input=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    assert type(net.mixed).__name__ == "MixedConv2d" and net.mixed["0"].in_channels == 2
+    net = _mixed_stem(3, 6, [3, 5])
+    with pytest.raises(InflateError, match=r"'0\.0'.*multiple of 3 channels, got \(3, 1\)"):
+        inflate_first_conv(net, 2, channels=[3, 1], example_input=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
+    assert type(net[0]).__name__ == "MixedConv2d" and net[0]["0"].in_channels == 2

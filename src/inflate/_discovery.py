@@ -50,11 +50,14 @@ class InputLayer:
         param: attribute of the module that holds the weight.
         layout: where the input channels sit in the weight.
         channels: ``C``, the channel count of the input it reads (with ``unit``: the
-            channels of its kernel, one per ``unit`` input channels).
-        unit: for a conv inside a stem that converts each input on its own before it
-            (CSATv2's YCbCr DCT stem, see :mod:`inflate._rewrites`), the input channels
-            that one channel of its kernel stands for (3: one RGB image per block of
-            ``layout.inner`` coefficients); None when its kernel's channels are the input's.
+            channels of its kernel, ``per_unit`` per ``unit`` input channels).
+        unit: for a conv inside a stem that reads each input on its own (see
+            :mod:`inflate._rewrites`: CSATv2's YCbCr DCT stem converts each 3 channels
+            together, a ``MixedConv2d`` splits each input's ``C``), the input channels it
+            reads as one; None when its kernel's channels are the input's.
+        per_unit: the kernel channels that stand for one ``unit`` (1 for each of
+            CSATv2's convs, a block of ``layout.inner`` coefficients; a ``MixedConv2d``
+            conv's share of the split).
     """
 
     name: str
@@ -62,11 +65,12 @@ class InputLayer:
     layout: KernelLayout
     channels: int
     unit: int | None = None
+    per_unit: int = 1
 
     @property
     def input_channels(self) -> int:
         """``C``, the channel count of the model input."""
-        return self.channels * (self.unit or 1)
+        return self.channels // self.per_unit * self.unit if self.unit else self.channels
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ class _InputTracer(Tracer):
             self._read_whole(module, args[0] if args else None, reads)
 
     def _read_whole(self, module: nn.Module, x: Any, reads: rewriting.Reader) -> None:
-        """A rewritten stem that reads the input as a whole (not followed inside): its convs read the input."""
+        """A rewritten stem that reads each input on its own (not followed inside): its convs read the input."""
         tag = self.tag(x)
         where = self.stack[-1]
         if tag is None:
@@ -160,11 +164,11 @@ class _InputTracer(Tracer):
             self.problems.append(f"layer {where} reads the input only after {tag.why}, which mixes or transforms "
                                  "channels in a way inflate cannot follow")
         elif tag != Channels(1) or x.ndim != 4 or self.channels % reads.channels:
-            self.problems.append(f"layer {where} converts inputs of {reads.channels} channels on axis 1 of a "
+            self.problems.append(f"layer {where} reads inputs of {reads.channels} channels on axis 1 of a "
                                  f"(B, C, H, W) input, expected such an input, got shape {tuple(x.shape)} with "
                                  f"the input's {self.channels} channels at {tag}")
         else:
-            for child, inner in reads.layers:
+            for child, inner, per_unit in reads.layers:
                 conv = module.get_submodule(child)
                 owners = self.owners.get(id(conv.weight), [])
                 if len(owners) != 1:
@@ -172,7 +176,7 @@ class _InputTracer(Tracer):
                                          f"found it in {[o[0] for o in owners]}")
                     continue
                 layer = InputLayer(owners[0][0], owners[0][1], KernelLayout("conv", groups=conv.groups, inner=inner),
-                                   self.channels // reads.channels, unit=reads.channels)
+                                   self.channels // reads.channels * per_unit, reads.channels, per_unit)
                 if self.found.setdefault(layer.name, layer) != layer:
                     self.problems.append(f"layer '{layer.name}' reads the input in two different layouts")
             self.last_layer = len(self.steps)

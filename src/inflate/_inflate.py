@@ -194,7 +194,9 @@ def inflate_first_conv(
         if found is not None:
             verify(target, found, Plan(weights, attrs), counts)
     if found is not None:  # traced and checked in the rewritten form: the form it keeps
-        rewriting.commit(rewrites)
+        stems = {layer.name.rpartition(".")[0] for layer in layers if layer.unit is not None}
+        readers = {id(target.get_submodule(name)) for name in stems}
+        rewriting.commit([r for r in rewrites if not r.reads or id(r.module) in readers])
     surgery.apply(changes)
     update_configs(target, counts)
     return model

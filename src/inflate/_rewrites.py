@@ -23,6 +23,13 @@ the same tensors, so it is bit for bit the original. Such a stem reads the input
 (:func:`reader`): the tracker does not follow the operations inside it, it records its convs
 as the layers that read the input, one block of 64 coefficients per input of 3 channels.
 
+timm's ``MixedConv2d`` splits its input's channels among convs of different kernel sizes
+(``torch.split(x, self.splits, 1)``), which for ``N`` inputs side by side would hand each
+conv a slice across inputs. Its rewrite (``PerInputMixedConv2d``) splits each input's
+``C`` channels the same way and hands conv ``j`` its share of every input, side by side; a
+reader as well. Every ``MixedConv2d`` is rewritten for discovery, and only those that read
+the input keep the rewrite.
+
 The rewrite swaps the module's class for a subclass defined here (``isinstance`` holds and
 the ``state_dict`` is unchanged; ``torch.save`` of the whole model pickles the subclass by
 name), for the duration of discovery and of the check, and for good only when the inflation
@@ -47,7 +54,7 @@ _SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 #: (module, class name) of the torchvision models whose ``_transform_input`` is rewritten
 _KNOWN = {("torchvision.models.googlenet", "GoogLeNet"), ("torchvision.models.inception", "Inception3")}
 #: (module, class name) of the stems that convert each input's colours in code, rewritten to read inputs one by one
-_STEMS = {("timm.models.csatv2", "LearnableDct2d")}
+_STEMS = {("timm.models.csatv2", "LearnableDct2d"): "csatv2", ("timm.layers.mixed_conv2d", "MixedConv2d"): "mixed"}
 _CLASSES: dict[str, type] = {}
 
 
@@ -96,13 +103,30 @@ def _dct_forward(self: nn.Module, x: Tensor) -> Tensor:
     return torch.cat([conv(coefficients[:, :, j].flatten(1, 2)) for j, conv in enumerate(convs)], dim=1)
 
 
+def _mixed_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """Inputs of ``sum(splits)`` channels side by side: each split alike, conv ``j`` reads split ``j`` of every input."""
+    b, c, *rest = x.shape
+    if c % sum(self.splits):
+        raise ValueError(f"{type(self).__name__}: expected inputs of {sum(self.splits)} channels side by side, "
+                         f"got {c} channels")
+    pieces = torch.split(x.reshape(b, c // sum(self.splits), sum(self.splits), *rest), self.splits, 2)
+    return torch.cat([conv(piece.flatten(1, 2)) for piece, conv in zip(pieces, self.values())], 1)
+
+
+_FORWARDS = {
+    "csatv2": (_dct_forward, "for inputs of 3 channels side by side, each converted to YCbCr and transformed on its "
+                             "own"),
+    "mixed": (_mixed_forward, "for inputs side by side, each split among the convs on its own"),
+}
+
+
 def _stem_subclass(base: type) -> type:
     name = f"PerInput{base.__name__}"
     cls = _CLASSES.get(name)
     if cls is None:
-        doc = (f"timm's {base.__name__} for inputs of 3 channels side by side, each converted to YCbCr and "
-               "transformed on its own (made by :func:`inflate.inflate_first_conv`).")
-        cls = _CLASSES[name] = type(name, (base,), {"forward": _dct_forward, "__module__": __name__,
+        forward, what = _FORWARDS[_STEMS[(base.__module__, base.__name__)]]
+        doc = f"timm's {base.__name__} {what} (made by :func:`inflate.inflate_first_conv`)."
+        cls = _CLASSES[name] = type(name, (base,), {"forward": forward, "__module__": __name__,
                                                     "__qualname__": name, "__doc__": doc})
     return cls
 
@@ -112,20 +136,25 @@ class Reader:
     """A rewritten stem that reads the input as a whole, each input on its own.
 
     Attributes:
-        channels: the channels of one input it converts (3: RGB).
-        layers: ``(child, inner)`` of each conv that reads the converted inputs: its kernel
-            holds one block of ``inner`` channels per input.
+        channels: the channels of one input it reads as one (3: an RGB image).
+        layers: ``(child, inner, per_unit)`` of each conv that reads the inputs: its kernel
+            holds ``per_unit`` channels of ``inner`` features each per input.
     """
 
     channels: int
-    layers: tuple[tuple[str, int], ...]
+    layers: tuple[tuple[str, int, int], ...]
 
 
 def reader(module: nn.Module) -> Reader | None:
     """What a rewritten stem reads, if ``module`` is one (see the module docstring)."""
-    if type(module).__name__ == "PerInputLearnableDct2d" and _CLASSES.get("PerInputLearnableDct2d") is type(module):
+    kind = type(module)
+    if _CLASSES.get(kind.__name__) is not kind:
+        return None
+    if kind.__name__ == "PerInputLearnableDct2d":
         inner = module.k * module.k
-        return Reader(3, (("conv_y", inner), ("conv_cb", inner), ("conv_cr", inner)))
+        return Reader(3, (("conv_y", inner, 1), ("conv_cb", inner, 1), ("conv_cr", inner, 1)))
+    if kind.__name__ == "PerInputMixedConv2d":
+        return Reader(sum(module.splits), tuple((name, 1, s) for name, s in zip(module.keys(), module.splits)))
     return None
 
 
@@ -135,11 +164,12 @@ def __getattr__(name: str) -> type:
         import torchvision.models as models  # noqa: PLC0415 - only models that were rewritten need it
 
         return _subclass(getattr(models, name[len("PerInput"):]))
-    if name == "PerInputLearnableDct2d":
+    paths = {f"PerInput{cls}": path for path, cls in _STEMS}
+    if name in paths:
         import importlib  # noqa: PLC0415 - only models that were rewritten need timm
 
         # by path: ``timm.models.csatv2`` as an attribute is the model function of that name
-        return _stem_subclass(importlib.import_module("timm.models.csatv2").LearnableDct2d)
+        return _stem_subclass(getattr(importlib.import_module(paths[name]), name[len("PerInput"):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -150,6 +180,7 @@ class Rewrite:
     module: nn.Module
     cls: type
     attrs: dict[str, Any]
+    reads: bool = False  # a stem that reads each input on its own: kept only where it reads the input
 
 
 def find(model: nn.Module) -> list[Rewrite]:
@@ -160,7 +191,7 @@ def find(model: nn.Module) -> list[Rewrite]:
         if (kind.__module__, kind.__name__) in _KNOWN and getattr(module, "transform_input", False) is True:
             found.append(Rewrite(module, _subclass(kind), {"input_scale": list(_SCALE), "input_shift": list(_SHIFT)}))
         elif (kind.__module__, kind.__name__) in _STEMS:
-            found.append(Rewrite(module, _stem_subclass(kind), {}))
+            found.append(Rewrite(module, _stem_subclass(kind), {}, reads=True))
     return found
 
 

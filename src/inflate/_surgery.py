@@ -53,12 +53,12 @@ def _plan_one(model: nn.Module, layer: InputLayer, channels: Sequence[int], init
         raise InflateError(f"{label}: expected groups=1 for a layer that is not an nn.Conv module, "
                            f"got groups={layer.layout.groups}")
     layout = layer.layout
-    if layer.unit is not None:  # a conv behind a stem that converts each input on its own: a block per input
+    if layer.unit is not None:  # a conv in a stem that reads each input on its own: its share of each
         if any(ci % layer.unit for ci in channels):
-            raise InflateError(f"{label}: reads the input after its stem '{layer.name.rpartition('.')[0]}' "
-                               f"converts each {layer.unit} channels together (an RGB image): expected inputs of "
-                               f"a multiple of {layer.unit} channels, got {tuple(channels)}")
-        channels = [ci // layer.unit for ci in channels]
+            raise InflateError(f"{label}: its stem '{layer.name.rpartition('.')[0]}' reads each {layer.unit} "
+                               f"channels of the input as one image: expected inputs of a multiple of {layer.unit} "
+                               f"channels, got {tuple(channels)}")
+        channels = [ci // layer.unit * layer.per_unit for ci in channels]
     # a plain conv or linear weight (out, C, *k) is its canonical kernel but for two axes of
     # size 1: a named rule can work on it directly (a callable is promised the canonical form)
     plain = isinstance(init, str) and layout.kind != "transposed" and layout.groups == layout.outer == layout.inner == 1
