@@ -16,13 +16,10 @@ can replay the inflated model against it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from numbers import Real
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from . import _ops as ops
@@ -31,6 +28,7 @@ from . import _tags as tags
 from ._blanks import Blanks, storage
 from ._call import Call, Example
 from ._errors import InexactError
+from ._operands import Operands, PerChannelOperand
 from ._tags import Channels, Lost, Tag
 from ._tracer import Owners, Stop, Tracer, trace, unwrap
 from .rules import KernelLayout
@@ -94,22 +92,6 @@ class Step:
     where: str
 
 
-@dataclass(frozen=True)
-class PerChannelOperand:
-    """A parameter or buffer that an operation applies to the input channel by channel
-    (a normaliser's mean and std, a batch norm's statistics and affine): widened per input.
-
-    Attributes:
-        name: qualified name of the module that holds it.
-        attr: its attribute name there.
-        axis: its axis that runs over the input channels.
-    """
-
-    name: str
-    attr: str
-    axis: int
-
-
 @dataclass
 class Discovery:
     """What one traced forward pass found, and what it saw on the way."""
@@ -142,10 +124,7 @@ class _InputTracer(Tracer):
         self.read_depths: set[int] = set()  # stack depths of module calls that read a size of the input
         self.contained = True  # every such call returned tensors only and set no attribute
         self.resume = 0  # steps recorded when the last such call returned
-        self.derived: dict[int, tuple[Tensor, Tensor]] = {}  # views of parameters and buffers -> their root
-        self.operands: dict[Hashable, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root key
-        self.plain_uses: set[Hashable] = set()  # keys of roots read by operations that do not involve the input
-        self.list_roots: dict[int, tuple[Tensor, tuple[str, str]]] = {}  # tensors made of a module's list
+        self.operands = Operands(self)  # parameters and buffers applied to the input channel by channel
         self.blanks = Blanks(self.tag, self.mark)  # tensors made blank, which the input may be copied into
 
     def enter(self, module: nn.Module, args: Any) -> None:
@@ -182,7 +161,7 @@ class _InputTracer(Tracer):
             self.last_layer = len(self.steps)
 
     def start(self, call: Call) -> None:
-        self.channels = call.channels
+        self.channels = self.operands.channels = call.channels
         for x in call.images:
             self.mark(x, Channels(call.channel_axis))
 
@@ -222,41 +201,20 @@ class _InputTracer(Tracer):
             if len(self.stack) <= 1:
                 self.contained = False  # read by the root module's forward, which runs to the end
             self.read_depths.add(len(self.stack))
-        owner = self._list_owner(func, args) if func in _FROM_DATA else None
+        owner = self.operands.list_owner(func, args)
         return op, operands, tagged, widened or owner is not None, owner
-
-    def _list_owner(self, func: Callable[..., Any], args: Any) -> tuple[str, str] | None:
-        """The module attribute that holds the list ``torch.as_tensor(values)`` reads, if it is
-        ``C`` numbers (torchvision's ``image_mean``): a per-channel root like a buffer."""
-        values = args[0] if args else None
-        if type(values) not in (list, tuple) or len(values) != self.channels \
-                or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
-            return None
-        for module in reversed(self.objects):
-            attr = next((k for k, v in vars(module).items() if v is values), None)
-            if attr is not None:
-                return self.modules.get(id(module), "?"), attr
-        return None
 
     def after(self, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any, seen: Any) -> None:
         op, operands, tagged, widened, owner = seen
         kind = op.kind if op is not None else None
-        if owner is not None and isinstance(out, Tensor):
-            self.list_roots[id(out)] = (out, owner)
         if tagged and kind not in ("size", "meta", "escape") and kind not in ops.CONSUMERS:
             self._follow(op, func, args, kwargs, out, operands)
-        self._lineage(kind, operands, tagged, out)
+        self.operands.see(kind, operands, tagged, out, owner)
         results = ops.tensors(out)
         self.blanks.see(len(self.steps), kind, args, operands, results)
         self.steps.append(Step(func, [] if widened else ops.atoms((args, kwargs)),
                                [(tuple(t.shape), self._tag_or_root(t)) for t in results], kind, widened,
                                self.stack[-1] if self.stack else "<root>"))
-
-    def _key(self, root: Tensor) -> Hashable:
-        """What a root stands for: its id, or for tensors made of a module's list, that
-        attribute (each ``torch.as_tensor(self.image_mean)`` is a new tensor of one list)."""
-        listed = self.list_roots.get(id(root))
-        return ("list", *listed[1]) if listed is not None and listed[0] is root else id(root)
 
     def _tag_or_root(self, t: Tensor) -> Tag | Hashable | None:
         """What the replay needs of an output: its tag, else the id of the parameter or buffer
@@ -264,8 +222,7 @@ class _InputTracer(Tracer):
         tag = self.tag(t)
         if tag is not None:
             return tag
-        root = self._root(t)
-        return self._key(root) if root is not None else None
+        return self.operands.key_of(t)
 
     def leave(self, module: nn.Module, args: Any, out: Any) -> None:
         """A module call that read a size of the input has returned: the size stayed inside it
@@ -285,46 +242,6 @@ class _InputTracer(Tracer):
             return None
         return max(self.last_layer, self.resume - 1)
 
-    def _root(self, t: Tensor) -> Tensor | None:
-        """The parameter or buffer stand-in ``t`` is, or is a view or cast of."""
-        if id(t) in self.owners or id(t) in self.buffer_owners:
-            return t
-        listed = self.list_roots.get(id(t))
-        if listed is not None and listed[0] is t:
-            return t
-        entry = self.derived.get(id(t))
-        return entry[1] if entry is not None and entry[0] is t else None
-
-    def _lineage(self, kind: str | None, operands: list[Tensor], tagged: bool, out: Any) -> None:
-        """Views, casts and elementwise functions of one parameter or buffer stay its views;
-        any other operation that reads one without the input is a plain use."""
-        roots = [r for r in map(self._root, operands) if r is not None]
-        if not roots:
-            return
-        src = operands[0]
-        results = ops.tensors(out)
-        if kind in _LINEAGE and len(results) == 1 and self._root(src) is not None and (
-                kind in ("dtype", "data") or not tagged and all(t is src or t.numel() == 1 for t in operands)):
-            self.derived[id(results[0])] = (results[0], self._root(src))
-            return
-        if not tagged:
-            self.plain_uses.update(self._key(r) for r in roots)
-
-    def _per_channel(self, t: Tensor, axis: int) -> bool:
-        """Accept (and record) ``t`` as a per-channel operand of the input if it is a
-        parameter or buffer, or a view of one, with exactly one axis of length ``C``."""
-        root = self._root(t)
-        if root is None:
-            return False
-        axes = [d for d, size in enumerate(root.shape) if size == self.channels]
-        listed = self.list_roots.get(id(root))
-        entries = self.owners.get(id(root)) or self.buffer_owners.get(id(root)) or ([listed[1]] if listed else [])
-        if len(axes) != 1 or len(entries) != 1:
-            return False
-        name, attr = entries[0]
-        self.operands.setdefault(self._key(root), (root, PerChannelOperand(name, attr, axes[0])))
-        return True
-
     def _follow(self, op: ops.Op | None, func: Callable[..., Any], args: Any, kwargs: dict[str, Any], out: Any,
                 operands: list[Tensor]) -> None:
         name = op.name if op is not None else ops.name_of(func)
@@ -333,7 +250,7 @@ class _InputTracer(Tracer):
             tag = tags.setitem_tag(args[0], args[1], args[2], self.tag)
         else:
             before = {self.tag(t) for t in operands}
-            tag = tags.propagate(op, func, args, kwargs, out, self.tag, self.channels, self._per_channel)
+            tag = tags.propagate(op, func, args, kwargs, out, self.tag, self.channels, self.operands.per_channel)
             if isinstance(tag, Lost) and tag not in before:  # lost here: say where
                 tag = Lost(tag.why + self.where(), tag.unknown)
             results = ops.tensors(out)
@@ -401,16 +318,6 @@ class _InputTracer(Tracer):
         return True
 
 
-#: Functions that build a tensor from Python data: from a module's list of ``C`` numbers, a root.
-_FROM_DATA = frozenset((torch.as_tensor, torch.tensor))
-_LINEAGE = ("reshape", "permute", "index", "expand", "dtype", "data", "pointwise")
-
-
-def _is_key(mark: Any) -> bool:
-    """A root's key in a step's outputs, rather than a tag or nothing."""
-    return mark is not None and not isinstance(mark, (Channels, Lost))
-
-
 def _only_tensors(tree: Any) -> bool:
     """Tensors, None or tuples of them: nothing that can carry a Python number out, or be written into."""
     if tree is None or isinstance(tree, Tensor):
@@ -426,20 +333,11 @@ def discover(model: nn.Module, example_input: Example | None = None, input_arg: 
     """
     model = unwrap(model)
     tracer = trace(model, example_input, _InputTracer, input_arg=input_arg, stack=True)
-    operands = list(dict.fromkeys(operand for _, operand in tracer.operands.values()))
     found = Discovery(list(tracer.found.values()), list(tracer.problems), tracer.steps, tracer.replay_until(),
-                      tracer.call, operands)
+                      tracer.call, tracer.operands.widened())
     tracer.blanks.resolve(found.steps)  # blank tensors the input was copied into: C wide in their sizes
-    widened = set(tracer.operands)  # views of widened operands: their shapes are the replay's to find out
-    for i, step in enumerate(found.steps):
-        if any(_is_key(mark) for _, mark in step.outs):
-            outs = [(shape, Lost("a view of a per-channel operand") if mark in widened else None)
-                    if _is_key(mark) else (shape, mark) for shape, mark in step.outs]
-            found.steps[i] = dataclasses.replace(step, outs=outs)
-    for key, (_, operand) in tracer.operands.items():
-        if key in tracer.plain_uses:
-            found.problems.append(f"'{operand.name + '.' if operand.name else ''}{operand.attr}' is applied to the input channel by channel and "
-                                  "also read by other operations: widening it per input would break those")
+    tracer.operands.resolve(found.steps)  # views of widened operands: their shapes are the replay's to find out
+    found.problems += tracer.operands.problems()
     for layer in found.layers:
         if layer.name in tracer.elsewhere:
             found.problems.append(f"layer '{layer.name}' reads the input and also other tensors: widening it "
