@@ -114,8 +114,7 @@ def _mixed_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 _FORWARDS = {
-    "csatv2": (_dct_forward, "for inputs of 3 channels side by side, each converted to YCbCr and transformed on its "
-                             "own"),
+    "csatv2": (_dct_forward, "for inputs of 3 channels side by side, each converted to YCbCr and transformed alone"),
     "mixed": (_mixed_forward, "for inputs side by side, each split among the convs on its own"),
 }
 
