@@ -58,5 +58,5 @@ def sweep(cfg: RunConfig, single: nn.Module, clip_value: float = 0.01) -> list[d
                 history = fit(inflated(single, 2, "zero"), data, fit_cfg, progress=f"{policy} lr={lr} clip={clip}")
                 results.append({"policy": policy, "lr": lr, "clip": clip,
                                 "final": history.means(cfg.study_batches)[-1],
-                                "steps": history.steps, "spikes": history.spikes})
+                                "steps": history.steps, "spikes": history.spikes, "trainable": history.trainable})
     return results
