@@ -389,3 +389,25 @@ def test_a_mixed_conv_reading_permuted_channels_or_another_count_is_refused():
     with pytest.raises(InflateError, match=r"'0\.0'.*multiple of 3 channels, got \(3, 1\)"):
         inflate_first_conv(net, 2, channels=[3, 1], example_input=torch.zeros(1, 3, 8, 8, dtype=torch.float64))
     assert type(net[0]).__name__ == "MixedConv2d" and net[0]["0"].in_channels == 2
+
+
+def test_rewritten_stems_guess_their_input_and_trace_with_torch_fx():
+    """Without example_input, a model starting with a known stem is called with the stem's own
+    channel count (its first conv reads only a share of it), also once inflated; the rewritten
+    stems stay traceable by torch.fx, so split_frozen caches the frozen prefix of an inflated CSATv2."""
+    from timm.layers import MixedConv2d
+
+    from inflate import finetune, split_frozen
+    from inflate._examples import default_example_inputs
+
+    net = nn.Sequential(MixedConv2d(3, 6, [3, 5], padding="same"), nn.Conv2d(6, 2, 1))
+    assert [tuple(t.shape) for t in default_example_inputs(net)] == [(2, 3, 224, 224)]
+    inflate_first_conv(net, 2)  # no example_input
+    assert [tuple(t.shape) for t in default_example_inputs(net)] == [(2, 6, 224, 224)]
+    x = torch.rand(2, 6, 8, 8)
+    assert torch.equal(torch.fx.symbolic_trace(net[0])(x), net[0](x))
+    csatv2 = inflate_first_conv(_tiny_csatv2().float(), 2, init="zero")
+    finetune(csatv2, "last", example_input=torch.zeros(1, 6, 64, 64))
+    split, x = split_frozen(csatv2), torch.rand(2, 6, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(split.tail(*split.prefix(x)), csatv2(x))

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Rewrite", "Reader", "find", "reader", "rewritten", "commit"]
+__all__ = ["Rewrite", "Reader", "find", "reader", "stem_channels", "rewritten", "commit"]
 
 #: torchvision's per-channel input transform (the same numbers in GoogLeNet and Inception v3)
 _SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
@@ -94,23 +94,21 @@ def _dct_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Inputs of 3 channels side by side, ``(B, N*3, H, W)``: each converted and transformed on
     its own; conv ``j`` (Y, Cb, Cr) reads component ``j`` of every input, ``N * k*k`` channels."""
     b, c, h, w = x.shape
-    if c % 3:
-        raise ValueError(f"{type(self).__name__}: expected inputs of 3 channels (RGB) side by side, got {c} channels")
-    n = c // 3
+    torch._assert(c % 3 == 0, "expected inputs of 3 channels (RGB) side by side")  # torch.fx traces it
+    n, k = c // 3, self.k
     coefficients = _dct_coefficients(self, x.reshape(b * n, 3, h, w))
-    coefficients = coefficients.reshape(b, n, *coefficients.shape[1:])  # (B, N, 3, k*k, H/k, W/k)
+    coefficients = coefficients.reshape(b, n, 3, k * k, h // k, w // k)
     convs = (self.conv_y, self.conv_cb, self.conv_cr)
     return torch.cat([conv(coefficients[:, :, j].flatten(1, 2)) for j, conv in enumerate(convs)], dim=1)
 
 
 def _mixed_forward(self: nn.Module, x: Tensor) -> Tensor:
     """Inputs of ``sum(splits)`` channels side by side: each split alike, conv ``j`` reads split ``j`` of every input."""
-    b, c, *rest = x.shape
-    if c % sum(self.splits):
-        raise ValueError(f"{type(self).__name__}: expected inputs of {sum(self.splits)} channels side by side, "
-                         f"got {c} channels")
-    pieces = torch.split(x.reshape(b, c // sum(self.splits), sum(self.splits), *rest), self.splits, 2)
-    return torch.cat([conv(piece.flatten(1, 2)) for piece, conv in zip(pieces, self.values())], 1)
+    b, c, h, w = x.shape
+    per_input = sum(self.splits)
+    torch._assert(c % per_input == 0, "expected inputs of sum(splits) channels side by side")  # torch.fx traces it
+    pieces = torch.split(x.reshape(b, c // per_input, per_input, h, w), self.splits, 2)
+    return torch.cat([conv(pieces[j].flatten(1, 2)) for j, conv in enumerate(self.values())], 1)
 
 
 _FORWARDS = {
@@ -144,17 +142,33 @@ class Reader:
     layers: tuple[tuple[str, int, int], ...]
 
 
+def _reads(module: nn.Module) -> Reader | None:
+    """What a known stem reads (rewritten or not)."""
+    kind = type(module)
+    stem = _STEMS.get((kind.__module__, kind.__name__))
+    if stem is None and _CLASSES.get(kind.__name__) is kind:
+        stem = _STEMS.get((kind.__mro__[1].__module__, kind.__mro__[1].__name__))
+    if stem == "csatv2":
+        inner = module.k * module.k
+        return Reader(3, (("conv_y", inner, 1), ("conv_cb", inner, 1), ("conv_cr", inner, 1)))
+    if stem == "mixed":
+        return Reader(sum(module.splits), tuple((name, 1, s) for name, s in zip(module.keys(), module.splits)))
+    return None
+
+
 def reader(module: nn.Module) -> Reader | None:
     """What a rewritten stem reads, if ``module`` is one (see the module docstring)."""
     kind = type(module)
-    if _CLASSES.get(kind.__name__) is not kind:
+    return _reads(module) if _CLASSES.get(kind.__name__) is kind else None
+
+
+def stem_channels(module: nn.Module) -> int | None:
+    """The channel count of the input a known stem (rewritten or not) takes as it is, if ``module`` is one."""
+    reads = _reads(module)
+    if reads is None:
         return None
-    if kind.__name__ == "PerInputLearnableDct2d":
-        inner = module.k * module.k
-        return Reader(3, (("conv_y", inner, 1), ("conv_cb", inner, 1), ("conv_cr", inner, 1)))
-    if kind.__name__ == "PerInputMixedConv2d":
-        return Reader(sum(module.splits), tuple((name, 1, s) for name, s in zip(module.keys(), module.splits)))
-    return None
+    child, inner, per_unit = reads.layers[0]
+    return module.get_submodule(child).in_channels // (inner * per_unit) * reads.channels
 
 
 def __getattr__(name: str) -> type:

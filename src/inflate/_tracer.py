@@ -26,10 +26,10 @@ from . import _ops as ops
 from . import _rewrites as rewriting
 from . import _standardized as standardized
 from ._call import Call, Example, as_call
-from ._configs import config_calls
 from ._errors import InflateError, TraceError
+from ._examples import default_example_calls
 
-__all__ = ["Tracer", "Plan", "Stop", "trace", "unwrap", "default_example_inputs", "label"]
+__all__ = ["Tracer", "Plan", "Stop", "trace", "unwrap", "label"]
 
 #: Each module's ``__dict__`` and a copy of it as the call began.
 Snapshots = list[tuple[dict[str, Any], dict[str, Any]]]
@@ -192,34 +192,6 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def default_example_calls(model: nn.Module) -> list[Call]:
-    """Example calls to try in order: those a known config describes (a diffusers UNet),
-    else one tensor of each plausible input shape (:func:`default_example_inputs`)."""
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
-    known = config_calls(model, first.weight.dtype) if first is not None else []
-    return known or [Call((x,)) for x in default_example_inputs(model)]
-
-
-def default_example_inputs(model: nn.Module) -> list[Tensor]:
-    """Meta tensors of plausible input shapes, tried in order.
-
-    ``C`` comes from the first conv or linear layer, then from a timm
-    ``pretrained_cfg``; the spatial size from that ``pretrained_cfg`` (else 224).
-    """
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))), None)
-    if first is None:
-        raise InflateError("example_input: expected a model with a Conv or Linear layer to guess the input "
-                           f"shape from, found none in {type(model).__name__}; pass example_input")
-    dtype = first.weight.dtype
-    if isinstance(first, nn.Linear):
-        return [torch.empty(2, first.in_features, device="meta", dtype=dtype)]
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", ()))
-    dims = len(first.kernel_size)
-    spatial = {1: (256,), 2: cfg_size[1:] if len(cfg_size) == 3 else (224, 224), 3: (16, 112, 112)}[dims]
-    counts = dict.fromkeys([first.in_channels] + ([cfg_size[0]] if len(cfg_size) == 3 else []))
-    return [torch.empty(2, c, *spatial, device="meta", dtype=dtype) for c in counts]
 
 
 #: A module and the parameter and buffer dicts it reads during the trace.

@@ -281,7 +281,7 @@ def check_inflation(
         dict_keys(["layer 'conv'", 'output'])
     """
     from .._discovery import discover
-    from .._tracer import default_example_calls
+    from .._examples import default_example_calls
 
     if init not in ("zero", "repeat"):
         raise ValueError(f"init: expected 'zero' or 'repeat', got {init!r}")
