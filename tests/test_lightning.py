@@ -4,7 +4,11 @@ One uninterrupted run (policy "last", everything unfrozen at epoch 2, a checkpoi
 epoch) is shared by several tests; the others run their own short fits.
 """
 
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,19 +236,30 @@ class RankGap(pl.Callback):
         pl_module.log(f"gap{trainer.current_epoch}", (gathered[0] - gathered[1]).abs().max(), rank_zero_only=True)
 
 
-@pytest.mark.parametrize("rewrap", [True, False], ids=["rewrapped", "negative-control"])
-def test_under_ddp_the_unfrozen_layers_stay_in_sync_across_processes(rewrap, monkeypatch):
-    if not torch.distributed.is_available() or "fork" not in torch.multiprocessing.get_all_start_methods():
-        pytest.skip("needs torch.distributed and the fork start method (ddp_notebook)")
+def _ddp_gaps(rewrap):
+    """Fit on 2 forked processes (ddp_notebook); the gap between their parameters after each epoch."""
     if not rewrap:  # Lightning issue #20340: DDP reduces only the gradients of what trained when it wrapped
-        monkeypatch.setattr(Finetuning, "_rewrap", lambda self, trainer: None)
+        Finetuning._rewrap = lambda self, trainer: None
     trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=[Finetuning("last", unfreeze=UNFREEZE), RankGap()],
                          accelerator="cpu", devices=2, strategy="ddp_notebook", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Net(), loader())  # the sampler gives each process its own half of the data
-    gaps = [trainer.callback_metrics[f"gap{epoch}"].item() for epoch in range(EPOCHS)]
+    return [trainer.callback_metrics[f"gap{epoch}"].item() for epoch in range(EPOCHS)]
+
+
+@pytest.mark.parametrize("rewrap", [True, False], ids=["rewrapped", "negative-control"])
+def test_under_ddp_the_unfrozen_layers_stay_in_sync_across_processes(rewrap):
+    if not torch.distributed.is_available() or "fork" not in torch.multiprocessing.get_all_start_methods():
+        pytest.skip("needs torch.distributed and the fork start method (ddp_notebook)")
+    # A fresh interpreter: a fork cannot run autograd once the parent's autograd has started threads
+    # (after a torch.compile'd model, say), which earlier tests in the same pytest worker may have done.
+    code = f"import json, tests.test_lightning as t; print('GAPS', json.dumps(t._ddp_gaps({rewrap})))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    gaps = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("GAPS "))[5:])
     assert gaps[:2] == [0.0, 0.0]  # before the unfreezing, the layers that train were in DDP's reducer
     if rewrap:
         assert gaps[2:] == [0.0, 0.0]
