@@ -307,6 +307,21 @@ def test_csatv2_stem_refuses_inputs_that_are_not_rgb_and_stays_untouched():
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
 
 
+def test_a_stem_whose_forward_was_replaced_on_the_instance_is_followed_as_it_is():
+    """The rewrite replaces the class's forward; a forward set on the instance would win over it
+    and is not known to read each input on its own: not rewritten, followed, refused (it mixes
+    channels), the model unchanged."""
+    import types
+
+    net = _tiny_csatv2()
+    stem = net.stem_dct
+    stem.forward = types.MethodType(type(stem).forward, stem)
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    with pytest.raises(InflateError, match="stem_dct.*reads the input only after"):
+        inflate_first_conv(net, 2, example_input=x)
+    assert type(stem).__name__ == "LearnableDct2d" and stem.conv_y.in_channels == 64
+
+
 def test_the_rewritten_dct_stem_is_the_original_bit_for_bit():
     from inflate._rewrites import find, rewritten
 

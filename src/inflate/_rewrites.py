@@ -201,6 +201,8 @@ def find(model: nn.Module) -> list[Rewrite]:
     found = []
     for module in model.modules():
         kind = type(module)
+        if {"forward", "_transform_input"} & set(vars(module)):
+            continue  # a forward set on the instance is not the one rewritten: followed as it is
         if (kind.__module__, kind.__name__) in _KNOWN and getattr(module, "transform_input", False) is True:
             found.append(Rewrite(module, _subclass(kind), {"input_scale": list(_SCALE), "input_shift": list(_SHIFT)}))
         elif (kind.__module__, kind.__name__) in _STEMS:
