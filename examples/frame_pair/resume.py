@@ -7,7 +7,7 @@ parameters and the caller's progress (the loss history). :func:`inflate.save_che
 writes it to a temporary file and renames it into place, so a kill at any moment leaves
 either the previous commit or the new one: never new weights with an old optimizer.
 When the stage completes, :func:`commit_final` replaces it by the plain model checkpoint
-that :func:`~examples.frame_pair.pipeline.load_model` rebuilds (no optimizer).
+that :func:`~examples.frame_pair.store.load_model` rebuilds (no optimizer).
 """
 
 from __future__ import annotations
