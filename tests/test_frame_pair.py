@@ -258,14 +258,69 @@ def test_a_kill_while_committing_resumes_bit_identically(tmp_path, monkeypatch):
     assert not _equal(restarted, state)
 
 
-def test_two_process_ddp_matches_one_process(smoke_run, tmp_path):
-    out, _ = smoke_run
+def _ddp_train(out, *extra, env=None):
+    """``train --smoke`` on 2 processes under torchrun (gloo); the finished subprocess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "examples.frame_pair", "train", "--smoke", "--out", str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+           "-m", "examples.frame_pair", "train", "--smoke", "--out", str(out), *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False,
+                          env={**os.environ, **ONE_THREAD, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    result = _ddp_train(out)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ddp = json.loads((tmp_path / "metrics.json").read_text())["train_loss"]
+    return out
+
+
+# Imported at the start of every Python process that finds it on PYTHONPATH: with KILL_STAGE set, the
+# process dies (os._exit) at the KILL_AT-th commit into that stage's file, after the temporary file is
+# written and before it is renamed into place: a kill in the middle of a commit.
+_KILLER = """
+import os
+if os.environ.get("KILL_STAGE") and os.environ.get("RANK") == "0":
+    import inflate._checkpoint as checkpoint
+    real, seen = os.replace, []
+
+    def replace(src, dst):
+        if os.environ["KILL_STAGE"] in str(dst):
+            seen.append(dst)
+            if len(seen) == int(os.environ["KILL_AT"]):
+                os._exit(3)
+        real(src, dst)
+
+    checkpoint.os.replace = replace
+"""
+
+
+def test_a_ddp_run_killed_while_committing_resumes_bit_identically(ddp_run, tmp_path):
+    """Rank 0 dies while writing the pair stage's final commit; ``--resume`` under torchrun continues
+    from the step-2 commit and ends with every stored model and loss bit-identical to the
+    uninterrupted 2-process run."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_KILLER)
+    out = tmp_path / "run"
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    killed = _ddp_train(out, env={"KILL_STAGE": "models/pair", "KILL_AT": "2", "PYTHONPATH": path})
+    assert killed.returncode != 0
+    commit, meta = load_checkpoint(out / "models" / "pair")
+    assert not meta["complete"] and len(meta["progress"]["steps"]) == 2  # the step-2 commit
+    at_step_2 = {k[len("model."):]: v for k, v in commit.items() if k.startswith("model.")}
+    assert not (out / "models" / "frames3.safetensors").exists()
+    resumed = _ddp_train(out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    for stage in ("base", "single", "pair", "frames3"):
+        (state, meta), (want, wanted) = (load_checkpoint(run / "models" / stage) for run in (out, ddp_run))
+        assert _equal(state, want) and meta["history"] == wanted["history"], stage
+    # negative control: the resumed run did train on from its commit (steps 3 and 4 change the model)
+    final = load_checkpoint(out / "models" / "pair")[0]
+    assert final.keys() == at_step_2.keys() and not _equal(final, at_step_2)
+
+
+def test_two_process_ddp_matches_one_process(smoke_run, ddp_run):
+    out, _ = smoke_run
+    ddp = json.loads((ddp_run / "metrics.json").read_text())["train_loss"]
     one = json.loads((out / "metrics.json").read_text())["train_loss"]
     # same batches split over 2 processes, gradients averaged: equal up to float32 summation order
     assert ddp == pytest.approx(one, rel=1e-3)
