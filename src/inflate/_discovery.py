@@ -128,10 +128,10 @@ class _InputTracer(Tracer):
         self.blanks = Blanks(self.tag, self.mark)  # tensors made blank, which the input may be copied into
 
     def enter(self, module: nn.Module, args: Any) -> None:
-        reads = rewriting.reader(module) if self.opaque is None else None
+        outside = self.opaque is None
         super().enter(module, args)
-        if reads is not None:
-            self._read_whole(module, args[0] if args else None, reads)
+        if outside and self.opaque is module:  # a rewritten stem (inflate._rewrites.reader): read as a whole
+            self._read_whole(module, args[0] if args else None, rewriting.reader(module))
 
     def _read_whole(self, module: nn.Module, x: Any, reads: rewriting.Reader) -> None:
         """A rewritten stem that reads each input on its own (not followed inside): its convs read the input."""
@@ -154,14 +154,18 @@ class _InputTracer(Tracer):
                     self.problems.append(f"layer {where}: expected its conv '{child}' to own its weight, "
                                          f"found it in {[o[0] for o in owners]}")
                     continue
-                layer = InputLayer(owners[0][0], owners[0][1], KernelLayout("conv", groups=conv.groups, inner=inner),
-                                   self.channels // reads.channels * per_unit, reads.channels, per_unit)
-                if self.found.setdefault(layer.name, layer) != layer:
-                    self.problems.append(f"layer '{layer.name}' reads the input in two different layouts")
+                self._record(InputLayer(owners[0][0], owners[0][1],
+                                        KernelLayout("conv", groups=conv.groups, inner=inner),
+                                        self.channels // reads.channels * per_unit, reads.channels, per_unit))
             self.last_layer = len(self.steps)
 
+    def _record(self, layer: InputLayer) -> None:
+        """Note ``layer`` as reading the input; a problem if it was seen reading it otherwise."""
+        if self.found.setdefault(layer.name, layer) != layer:
+            self.problems.append(f"layer '{layer.name}' reads the input in two different layouts")
+
     def start(self, call: Call) -> None:
-        self.channels = self.operands.channels = call.channels
+        self.channels = call.channels
         for x in call.images:
             self.mark(x, Channels(call.channel_axis))
 
@@ -311,9 +315,7 @@ class _InputTracer(Tracer):
             return False
         layout = KernelLayout(layout_kind, groups=int(groups), outer=tag.outer, inner=tag.inner)
         module_name, attr = owners[0]
-        layer = InputLayer(module_name, attr, layout, self.channels)
-        if self.found.setdefault(module_name, layer) != layer:
-            self.problems.append(f"layer '{module_name}' reads the input in two different layouts")
+        self._record(InputLayer(module_name, attr, layout, self.channels))
         self.last_layer = len(self.steps)
         return True
 

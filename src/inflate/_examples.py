@@ -33,16 +33,17 @@ def default_example_inputs(model: nn.Module) -> list[Tensor]:
     ``C`` comes from the first conv or linear layer (or known stem), then from a timm
     ``pretrained_cfg``; the spatial size from that ``pretrained_cfg`` (else 224).
     """
-    first = next((m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-                  or rewriting.stem_channels(m) is not None), None)
-    if first is None:
+    for first in model.modules():
+        stem = rewriting.stem_channels(first)  # a known stem (CSATv2's, a MixedConv2d): its convs read less
+        if stem is not None:
+            first, in_channels = next(m for m in first.modules() if isinstance(m, nn.modules.conv._ConvNd)), stem
+            break
+        if isinstance(first, (nn.modules.conv._ConvNd, nn.Linear)):
+            in_channels = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+            break
+    else:
         raise InflateError("example_input: expected a model with a Conv or Linear layer to guess the input "
                            f"shape from, found none in {type(model).__name__}; pass example_input")
-    stem = rewriting.stem_channels(first)  # a known stem (CSATv2's, a MixedConv2d): its convs read less
-    if stem is not None:
-        first, in_channels = next(m for m in first.modules() if isinstance(m, nn.modules.conv._ConvNd)), stem
-    else:
-        in_channels = first.in_features if isinstance(first, nn.Linear) else first.in_channels
     dtype = first.weight.dtype
     if isinstance(first, nn.Linear):
         return [torch.empty(2, in_channels, device="meta", dtype=dtype)]

@@ -62,17 +62,22 @@ class Operands:
     """Roots, their lineage and plain uses, and the per-channel operands accepted.
 
     Args:
-        tracer: the tracer being run: its parameter and buffer owners, module names and
-            the modules being called (read as the trace goes, since some are set after).
+        tracer: the tracer being run: its parameter and buffer owners, module names, the
+            input's channel count and the modules being called (read as the trace goes,
+            since some are set after).
     """
 
     def __init__(self, tracer: Tracer) -> None:
         self.tracer = tracer
-        self.channels = 0  # C, set as the trace starts
         self.derived: dict[int, tuple[Tensor, Tensor]] = {}  # views of parameters and buffers -> their root
         self.accepted: dict[Hashable, tuple[Tensor, PerChannelOperand]] = {}  # per-channel operands, by root key
         self.plain_uses: set[Hashable] = set()  # keys of roots read by operations that do not involve the input
         self.lists: dict[int, tuple[Tensor, tuple[str, str]]] = {}  # tensors made of a module's list
+
+    @property
+    def channels(self) -> int:
+        """``C``, the channel count of the input being traced."""
+        return self.tracer.channels  # type: ignore[attr-defined] - the discovery tracer's
 
     def list_owner(self, func: Callable[..., Any], args: Any) -> tuple[str, str] | None:
         """The module attribute that holds the list ``torch.as_tensor(values)`` reads, if it is

@@ -67,15 +67,20 @@ def _transform_input(self: nn.Module, x: Tensor) -> Tensor:
     return x
 
 
-def _subclass(base: type) -> type:
+def _per_input(base: type, methods: dict[str, Any], what: str) -> type:
+    """``PerInput<base>``, the subclass of ``base`` with ``methods``, made once (picklable by name)."""
     name = f"PerInput{base.__name__}"
     cls = _CLASSES.get(name)
     if cls is None:
-        doc = (f"torchvision's {base.__name__} with its input transform read from ``input_scale`` and "
-               "``input_shift``, one value per input channel (made by :func:`inflate.inflate_first_conv`).")
-        cls = _CLASSES[name] = type(name, (base,), {"_transform_input": _transform_input, "__module__": __name__,
-                                                    "__qualname__": name, "__doc__": doc})
+        doc = f"{base.__module__.split('.')[0]}'s {base.__name__} {what} (made by :func:`inflate.inflate_first_conv`)."
+        cls = _CLASSES[name] = type(name, (base,), {**methods, "__module__": __name__, "__qualname__": name,
+                                                    "__doc__": doc})
     return cls
+
+
+def _subclass(base: type) -> type:
+    return _per_input(base, {"_transform_input": _transform_input}, "with its input transform read from "
+                      "``input_scale`` and ``input_shift``, one value per input channel")
 
 
 def _dct_coefficients(self: nn.Module, x: Tensor) -> Tensor:
@@ -103,7 +108,8 @@ def _dct_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def _mixed_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """Inputs of ``sum(splits)`` channels side by side: each split alike, conv ``j`` reads split ``j`` of every input."""
+    """Inputs of ``sum(splits)`` channels side by side: each split alike, conv ``j`` reads split ``j``
+    of every input."""
     b, c, h, w = x.shape
     per_input = sum(self.splits)
     torch._assert(c % per_input == 0, "expected inputs of sum(splits) channels side by side")  # torch.fx traces it
@@ -118,14 +124,8 @@ _FORWARDS = {
 
 
 def _stem_subclass(base: type) -> type:
-    name = f"PerInput{base.__name__}"
-    cls = _CLASSES.get(name)
-    if cls is None:
-        forward, what = _FORWARDS[_STEMS[(base.__module__, base.__name__)]]
-        doc = f"timm's {base.__name__} {what} (made by :func:`inflate.inflate_first_conv`)."
-        cls = _CLASSES[name] = type(name, (base,), {"forward": forward, "__module__": __name__,
-                                                    "__qualname__": name, "__doc__": doc})
-    return cls
+    forward, what = _FORWARDS[_STEMS[(base.__module__, base.__name__)]]
+    return _per_input(base, {"forward": forward}, what)
 
 
 @dataclass(frozen=True)

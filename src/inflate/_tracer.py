@@ -174,9 +174,7 @@ def _module_stack(tracer: Tracer) -> Iterator[None]:
         if sys.exc_info()[0] is not None:  # called from an except block: the forward raised
             if tracer.failed_in is None:
                 tracer.failed_in = list(tracer.stack)
-            tracer.stack.pop()
-            if tracer.objects.pop() is tracer.opaque:
-                tracer.opaque = None
+            Tracer.leave(tracer, module, args, out)  # the stack only: the call did not return
             return
         try:
             tracer.leave(module, args, out)
