@@ -104,12 +104,12 @@ def _sweep(registry, names, build):
     return counts
 
 
-# float64 checks up to MAX_PARAMS (their copies fit in 24 GiB), float32 checks up to
-# MAX_PARAMS32: the float32 check holds the model and one inflated copy at a time, and three
-# float32 copies of 1.2e9 parameters (13.4 GiB) leave room on a 24 GiB machine (a 1.16B model
-# peaked at 9.5 GiB). Larger models need float64 on the GPU machine.
+# float64 checks up to MAX_PARAMS, float32 checks up to MAX_PARAMS32. The inflated copies share
+# every tensor outside the input layers with the model (zoo.lean_copy), so a check holds about
+# one model: 2.8e9 float32 parameters are 10.4 GiB, which leaves room for the activations and a
+# second sweep on a 24 GiB machine. Larger models need more memory (the GPU machine).
 MAX_PARAMS = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS", "2e8")))
-MAX_PARAMS32 = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS32", "1.2e9")))
+MAX_PARAMS32 = int(float(os.environ.get("INFLATE_ZOO_MAX_PARAMS32", "2.8e9")))
 
 
 def _precision(count):
@@ -191,3 +191,26 @@ def test_float32_path_of_the_big_models(monkeypatch):
     monkeypatch.setitem(PRECISIONS, F32, dataclasses.replace(PRECISIONS[F32], control=0.0))
     with pytest.raises(AssertionError, match="negative control not detected"):
         check(*_timm_build("vit_tiny_patch16_224")[:2], dtype=F32)
+
+
+def test_the_check_copies_share_all_but_the_input_layers_and_catch_a_write_into_them(monkeypatch):
+    """The inflated copies share every tensor outside the input layers with the original (one
+    model's memory for the big models); an inflation that wrote into a shared tensor is caught."""
+    model, shape, dtype = _timm_build("resnet18")
+    copied = zoo.lean_copy(model, ["conv1"])
+    assert copied.fc.weight is model.fc.weight and copied.bn1.running_mean is model.bn1.running_mean
+    assert copied.conv1.weight is not model.conv1.weight
+    assert torch.equal(copied.conv1.weight, model.conv1.weight)
+
+    def writes_into_the_head(net, *args, **kwargs):
+        net = real(net, *args, **kwargs)
+        with torch.no_grad():
+            net.fc.bias.add_(1.0)  # shared with the original
+        return net
+
+    real = zoo.inflate_first_conv
+    assert outcome(lambda: (model, shape, dtype)) == "exact"
+    monkeypatch.setattr(zoo, "inflate_first_conv", writes_into_the_head)
+    model, shape, dtype = _timm_build("resnet18")
+    result = outcome(lambda: (model, shape, dtype))
+    assert result.startswith("WRONG") and "changed the original" in result, result

@@ -132,7 +132,10 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
 
     ``dtype=torch.float32`` is for models whose float64 copies do not fit: the layers at
     1e-5, the output at ``1e-5 * max(1, amplification)``, chaotic past 1e-3, the control
-    off by 0.1; :data:`PRECISIONS` says why. Only one inflated copy is alive at a time.
+    off by 0.1; :data:`PRECISIONS` says why. Only one inflated copy is alive at a time, and it
+    shares every tensor outside the input layers with ``net`` (:func:`lean_copy`); the
+    original's output is checked unchanged at the end, so an inflation that wrote into a
+    shared tensor fails.
     """
     p = PRECISIONS[dtype]
     try:
@@ -151,18 +154,18 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
         after = net(xs[0])  # discovery must leave the model exactly as it was
     if not torch.equal(before, after):
         raise RuntimeError("find_input_layers changed the model: its output differs afterwards")
-    del before, after
+    del after
     amp = amplification(net, layers, xs[0], eps=p.nudge)
     out_tol = max(p.layers, p.rounding * amp)
     if not math.isfinite(out_tol):
         raise Untestable("the original network's output is not finite once its input layers are nudged")
     if out_tol > p.chaotic:  # rounding alone scrambles this random network's output: judge at the layers
         out_tol = math.inf
-    zero = inflate_first_conv(copy.deepcopy(net), n, init="zero", example_input=example)
+    zero = inflate_first_conv(lean_copy(net, layers), n, init="zero", example_input=example)
     z = assert_zero_inflation_equivalent(net, zero, xs, compare_at=layers, rtol=p.layers, output_rtol=out_tol)
     del zero  # one inflated copy at a time: a big model's copies are most of the memory
     gc.collect()
-    rep = inflate_first_conv(copy.deepcopy(net), n, init="repeat", example_input=example)
+    rep = inflate_first_conv(lean_copy(net, layers), n, init="repeat", example_input=example)
     r = assert_repeat_equivalent(net, rep, xs[0], n, compare_at=layers, rtol=p.layers, output_rtol=out_tol)
     weight = rep.get_submodule(layers[0]).weight
     with torch.no_grad():
@@ -174,8 +177,21 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
         pass
     else:
         raise AssertionError(f"negative control not detected (layers {layers}, output rtol {out_tol:.1e})")
+    del rep
+    with torch.no_grad():
+        if not torch.equal(net(xs[0]), before):
+            raise AssertionError("inflating a copy changed the original: a tensor it shares was written")
     return {"zero": z.max_relative_diff, "repeat": r.max_relative_diff, "output_rtol": out_tol,
             "rtol": p.layers, "amplification": amp}
+
+
+def lean_copy(net: nn.Module, layers: list[str]) -> nn.Module:
+    """A deep copy of ``net`` that shares every parameter and buffer outside the modules
+    ``layers`` with it: the memory of one model, not two, for what inflation only reads."""
+    own = {id(t) for name in layers for m in [net.get_submodule(name)]
+           for t in [*m.parameters(), *m.buffers()]}
+    memo = {id(t): t for t in [*net.parameters(), *net.buffers()] if id(t) not in own}
+    return copy.deepcopy(net, memo)
 
 
 def outcome(build) -> str:
