@@ -75,7 +75,7 @@ def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(mo
     # training draws only training photos: none of the held-out ones
     seen = []
     real = data._cached
-    monkeypatch.setattr(data, "_cached", lambda name: seen.append(name) or real(name))
+    monkeypatch.setattr(data, "_cached", lambda name, *device: seen.append(name) or real(name, *device))
     for step in range(8):
         data.training_batch(0, step, 2, 4, 2, size)
     assert seen and set(seen) <= set(data.TRAIN_PHOTOS) and not set(data.TRAIN_PHOTOS) & set(data.HELDOUT_PHOTOS)
@@ -360,6 +360,8 @@ _BAD = {
     "out-read-only": (["train", "--smoke", "--out", "READONLY"], "--out"),
     "evaluate-missing": (["evaluate", "MISSING"], "MISSING"),
     "evaluate-empty": (["evaluate", "--out", "OUT"], "OUT"),
+    "minutes-given-to-train": (["train", "--smoke", "--minutes", "5"], "--minutes"),
+    "minutes-0": (["throughput", "--smoke", "--minutes", "0"], "--minutes"),
 }
 
 
@@ -405,3 +407,25 @@ def test_cli_accepts_valid_arguments_and_checks_only(tmp_path):
     (out / "models" / "single.safetensors").write_bytes(b"")
     assert _args(["evaluate", str(out)]).runs == [str(out)]
     assert _args(["evaluate", "--out", str(out)]).out == str(out)
+
+
+def test_throughput_times_every_stage_projects_the_preset_and_resizes_it(tmp_path, capsys):
+    """``throughput`` times real training steps of every stage (the batch made on the device, then the
+    step), projects the preset's training time from them, suggests steps for a budget, writes nothing."""
+    from examples.frame_pair.__main__ import main
+
+    out = tmp_path / "never"
+    assert main(["throughput", "--smoke", "--minutes", "3", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split() for line in lines[1:5]]
+    assert [r[:3] for r in rows] == [["base", "1", "2"], ["single", "1", "4"], ["pair", "2", "4"],
+                                     ["frames3", "3", "4"]]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    from examples.frame_pair import config, throughput
+
+    measured = throughput.measure(config.make(out, "smoke"), steps=2)
+    assert [r["minutes"] for r in measured] == [r["steps"] * (r["batch s"] + r["step s"]) / 60 for r in measured]
+    total = float(re.search(r"training about (\S+) min", lines[5])[1])
+    steps, base = map(int, re.fullmatch(r"to train in about 3 min: --steps (\d+) --base-steps (\d+)", lines[6]).groups())
+    assert steps == pytest.approx(4 * 3 / total, rel=0.05, abs=1) and base == pytest.approx(steps / 2, abs=1)
+    assert not out.exists()

@@ -44,3 +44,18 @@ def test_cuda_cached_features_and_pinned_batchnorm():
     x = torch.randn(4, 3, 64, 64, device="cuda")
     torch.testing.assert_close(split.tail(*split.prefix(x)), net(x))
     pin.remove()
+
+
+def test_frame_pair_batches_are_made_on_the_gpu_as_on_the_cpu():
+    """The example makes its training batches on the device it trains on (the random draws stay on the
+    CPU): the same samples as on the CPU up to rounding, and a different step is far from them."""
+    pytest.importorskip("skimage")
+    from examples.frame_pair.data import training_batch
+
+    cpu = training_batch(0, 3, 2, 10, 10, (90, 160))
+    gpu = training_batch(0, 3, 2, 10, 10, (90, 160), device="cuda")
+    assert gpu[0].is_cuda and gpu[1].is_cuda
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=0, atol=1e-5)  # coordinates, in [-1, 1]
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=2e-3)  # pixels, in [0, 1]
+    other = training_batch(0, 4, 2, 10, 10, (90, 160))
+    assert (other[0] - cpu[0]).abs().max() > 0.1 and (other[1] - cpu[1]).abs().max() > 1e-2

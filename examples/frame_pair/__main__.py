@@ -69,7 +69,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     for writing; for evaluate the run folders must hold stored models. Nothing is trained here.
     """
     parser = argparse.ArgumentParser(prog="python -m examples.frame_pair", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate"])
+    parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate", "throughput"])
     parser.add_argument("runs", nargs="*", help="evaluate only: run folders to compare (default: --out)")
     parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study, _smoke or _long appended "
                         "for those settings, so their stored models never mix)")
@@ -84,6 +84,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--videos", type=_int(1), help="training photos used (the first ones)")
     parser.add_argument("--frames", type=_int(2), help="frames per video")
     parser.add_argument("--many", type=_int(2), help="inputs of the scale-up stage (about ten)")
+    parser.add_argument("--minutes", type=_int(1), help="throughput only: the training time to size the preset to")
     args = parser.parse_intermixed_args(argv)  # run folders may come after options
     if args.smoke and args.preset not in (None, "smoke"):
         parser.error(f"--smoke: expected no other --preset, got --preset {args.preset}")
@@ -93,6 +94,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if args.command == "evaluate":
         _check_runs(parser, [Path(r) for r in args.runs] or [Path(args.out)])
         return args
+    if args.minutes is not None and args.command != "throughput":
+        parser.error(f"--minutes: expected only with throughput, got it with {args.command}")
     if args.runs:
         parser.error(f"{args.command}: expected no run folders (only evaluate takes them; use --out), "
                      f"got {' '.join(args.runs)!r}")
@@ -104,7 +107,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     if cfg.many > cfg.frames:
         parser.error(f"--many: expected an int <= --frames ({cfg.frames}"
                      f"{'' if args.frames is not None else ', its default'}), got {cfg.many}")
-    _check_out(parser, Path(args.out))
+    if args.command != "throughput":  # it writes nothing
+        _check_out(parser, Path(args.out))
     return args
 
 
@@ -175,6 +179,22 @@ def sweep(cfg: config.RunConfig) -> list[dict[str, object]]:
     return results
 
 
+def throughput(cfg: config.RunConfig, minutes: int | None = None) -> list[dict[str, object]]:
+    """Time a few steps of each stage here and project the preset's training time (and resize it)."""
+    from . import pipeline
+    from .throughput import measure
+
+    rows = measure(cfg)
+    print(_table(rows, list(rows[0])))
+    total = sum(r["minutes"] for r in rows)
+    print(f"{cfg.preset} preset on {pipeline.device()}: training about {total:.3g} min (evaluation not included)")
+    if minutes is not None:
+        scale = minutes / total
+        print(f"to train in about {minutes} min: --steps {max(1, int(cfg.steps * scale))} "
+              f"--base-steps {max(1, int(cfg.base_steps * scale))}")
+    return rows
+
+
 def evaluate(runs: list[Path]) -> dict[str, dict[str, float]]:
     """Rebuild the complete stored models of each run folder; score them on its held-out videos and
     the Middlebury pair (next to the identity map)."""
@@ -223,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             evaluate([Path(r) for r in args.runs] or [cfg.out])
+        elif args.command == "throughput":
+            throughput(cfg, args.minutes)
         else:
             {"train": train, "equivalence": equivalence, "sweep": sweep}[args.command](cfg)
     finally:

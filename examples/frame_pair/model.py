@@ -62,5 +62,5 @@ class CoordNet(nn.Module):
         # upsampling, in turn, is faster on NCHW).
         offset = self.head(y.contiguous(memory_format=torch.channels_last)).contiguous()
         offset = F.interpolate(offset, size=frames.shape[-2:], mode="bilinear", align_corners=False)
-        grid = identity_grid(frames.shape[-2], frames.shape[-1]).to(frames)
+        grid = identity_grid(frames.shape[-2], frames.shape[-1], frames.device).to(frames.dtype)
         return grid + offset * OFFSET_SCALE

@@ -45,7 +45,7 @@ def train_stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, in
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return training_batch(cfg.seed * 100 + stream, step, cfg.batch_size, cfg.frames, num_inputs, cfg.size,
-                              cfg.training_photos, part=ddp.world())
+                              cfg.training_photos, part=ddp.world(), device=device())
 
     history = fit(model, batches, fit_cfg, checkpoint=path, metadata=store.metadata(cfg, name, num_inputs, init),
                   progress=name)
