@@ -59,3 +59,25 @@ def test_frame_pair_batches_are_made_on_the_gpu_as_on_the_cpu():
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=0, atol=2e-3)  # pixels, in [0, 1]
     other = training_batch(0, 4, 2, 10, 10, (90, 160))
     assert (other[0] - cpu[0]).abs().max() > 0.1 and (other[1] - cpu[1]).abs().max() > 1e-2
+
+
+def test_zoo_check_runs_on_the_gpu_and_still_catches_a_wrong_rule(monkeypatch):
+    """INFLATE_ZOO_DEVICE=cuda: the full sweeps' check runs there (float64 for models too big for
+    the CPU); a scaled repeat off by 0.1% is still caught."""
+    from . import test_zoo, zoo
+
+    monkeypatch.setattr(test_zoo, "DEVICE", "cuda")
+    model, shape, dtype = test_zoo._timm_build("resnet18")
+    assert zoo.device_of(model).type == "cuda" and dtype == torch.float64
+    assert zoo.outcome(lambda: (model, shape, dtype)) == "exact"
+
+    def off_by_a_thousandth(net, n, init, **kwargs):
+        wide = inflate_first_conv(net, n, init=init, **kwargs)
+        if init == "repeat":
+            with torch.no_grad():
+                wide.conv1.weight.mul_(1.001)
+        return wide
+
+    monkeypatch.setattr(zoo, "inflate_first_conv", off_by_a_thousandth)
+    result = zoo.outcome(lambda: test_zoo._timm_build("resnet18"))
+    assert result.startswith("WRONG: inflated model is not equivalent"), result

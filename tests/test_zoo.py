@@ -6,6 +6,7 @@ timm and torchvision registries run behind ``-m zoo_full`` and print a summary.
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,9 +120,14 @@ def _precision(count):
     return D if count <= MAX_PARAMS else F32
 
 
+# The full sweeps build each model on the CPU and check it on INFLATE_ZOO_DEVICE (e.g. cuda, where
+# models too big for float64 on the CPU fit: raise INFLATE_ZOO_MAX_PARAMS there).
+DEVICE = os.environ.get("INFLATE_ZOO_DEVICE", "cpu")
+
+
 def _runs(model, shape, dtype=D):
     with torch.no_grad():
-        model.to(dtype).eval()(torch.zeros(1, *shape, dtype=dtype))
+        model.to(DEVICE, dtype).eval()(torch.zeros(1, *shape, dtype=dtype, device=DEVICE))
     return model, shape, dtype
 
 
@@ -150,19 +156,20 @@ def test_full_timm_registry():
     _sweep("timm", timm.list_models(), _timm_build)
 
 
+def _torchvision_build(name):
+    """At the crop size of the model's default weights (299 for Inception), else 224."""
+    try:
+        size = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0]
+    except Exception:  # noqa: BLE001 - no weights metadata: the common size
+        size = 224
+    model = torchvision.models.get_model(name, weights=None)
+    dtype = _precision(sum(p.numel() for p in model.parameters()))
+    return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224), dtype)
+
+
 @pytest.mark.zoo_full
 def test_full_torchvision_classification_zoo():
-    def build(name):
-        """At the crop size of the model's default weights (299 for Inception), else 224."""
-        try:
-            size = torchvision.models.get_model_weights(name).DEFAULT.transforms().crop_size[0]
-        except Exception:  # noqa: BLE001 - no weights metadata: the common size
-            size = 224
-        model = torchvision.models.get_model(name, weights=None)
-        dtype = _precision(sum(p.numel() for p in model.parameters()))
-        return _runs(model, (3, size if size <= 299 else 224, size if size <= 299 else 224), dtype)
-
-    _sweep("torchvision", torchvision.models.list_models(module=torchvision.models), build)
+    _sweep("torchvision", torchvision.models.list_models(module=torchvision.models), _torchvision_build)
 
 
 def test_float32_path_of_the_big_models(monkeypatch):
@@ -214,3 +221,33 @@ def test_the_check_copies_share_all_but_the_input_layers_and_catch_a_write_into_
     model, shape, dtype = _timm_build("resnet18")
     result = outcome(lambda: (model, shape, dtype))
     assert result.startswith("WRONG") and "changed the original" in result, result
+
+
+def test_the_sweep_driver_checks_each_model_in_its_own_process_and_resumes(tmp_path):
+    """tests.zoo_sweep: one JSON line per model (outcome, parameters, seconds, peak memory), the
+    size filter applied, a model already in the file skipped, a crashed model recorded."""
+    import json
+    import subprocess
+    import sys
+
+    from . import zoo_sweep
+
+    out = tmp_path / "sweep.jsonl"
+    out.write_text(json.dumps({"name": "resnet10t", "outcome": "exact"}) + "\n")  # done before
+    names = ["resnet10t", "resnet18", "resnet50"]
+    counts = {n: zoo_sweep.count("timm", n) for n in names}
+    assert counts["resnet18"] == sum(p.numel() for p in timm.create_model("resnet18").parameters())
+    out.with_suffix(".counts.json").write_text(json.dumps({**dict.fromkeys(timm.list_models(), 0), **counts}))
+    run = subprocess.run([sys.executable, "-m", "tests.zoo_sweep", "timm", "--out", str(out), "--max-params", "2e7"],
+                         capture_output=True, text=True, timeout=600, check=True, cwd=Path(__file__).parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["resnet10t", "resnet18"], run.stdout  # resnet50: 25.6M
+    assert rows[1]["outcome"] == "exact" and rows[1]["params"] == counts["resnet18"]
+    assert rows[1]["seconds"] > 0 and rows[1]["peak_gib"] > 0.1 and "1 to check (1 already in" in run.stdout
+    # a model that takes too long (here: longer than starting Python and importing torch) is recorded
+    subprocess.run([sys.executable, "-m", "tests.zoo_sweep", "timm", "--out", str(out), "--max-params", "3e7",
+                    "--timeout", "1"], capture_output=True, text=True, timeout=600, check=True,
+                   cwd=Path(__file__).parents[1])
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert (last["name"], last["outcome"]) == ("resnet50", "timeout: over 1 s") and len(out.read_text().splitlines()) == 3

@@ -74,17 +74,19 @@ def sensitize(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Mod
     [0.5, 1.5], shifts of order 0.1). Batch norms are then calibrated on one random
     batch (running statistics = that batch's), so activations stay of order one
     through deep networks instead of exploding, which would amplify rounding beyond
-    any honest tolerance.
+    any honest tolerance. The random numbers are drawn on the model's device.
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = device_of(model)
+    gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            draw = {"generator": gen, "dtype": p.dtype, "device": device}
             if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * (1.5 / p[0].numel()) ** 0.5)
+                p.copy_(torch.randn(p.shape, **draw) * (1.5 / p[0].numel()) ** 0.5)
             elif re.search(r"(weight|gamma|scale|ls\d?|alpha|beta)$", name) and not name.endswith("bias"):
-                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
+                p.copy_(torch.rand(p.shape, **draw) + 0.5)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+                p.copy_(torch.randn(p.shape, **draw) * 0.1)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                  and m.running_mean is not None]
         if norms:
@@ -93,20 +95,25 @@ def sensitize(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Mod
                 m.momentum = 1.0
             was_training = model.training
             model.train()
-            model(torch.randn((4, *shape), generator=gen, dtype=next(model.parameters()).dtype))
+            model(torch.randn((4, *shape), generator=gen, dtype=next(model.parameters()).dtype, device=device))
             model.train(was_training)
             for m, momentum in saved:
                 m.momentum = momentum
     return model
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter or buffer lives (the CPU for a model with neither)."""
+    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
+
+
 def amplification(net: nn.Module, layers: list[str], x: torch.Tensor, eps: float = 1e-12) -> float:
     """How much ``net`` amplifies a relative change of its input layers' outputs, measured:
     (relative output change) / eps when those outputs are perturbed by ``eps`` relative noise."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(x.device).manual_seed(1)
 
     def nudge(_, __, out):
-        return out + out.abs().mean() * eps * torch.randn(out.shape, generator=gen, dtype=out.dtype)
+        return out + out.abs().mean() * eps * torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
 
     with torch.no_grad():
         clean = net(x)
@@ -135,16 +142,17 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
     off by 0.1; :data:`PRECISIONS` says why. Only one inflated copy is alive at a time, and it
     shares every tensor outside the input layers with ``net`` (:func:`lean_copy`); the
     original's output is checked unchanged at the end, so an inflation that wrote into a
-    shared tensor fails.
+    shared tensor fails. It runs where ``model`` is (a GPU: float64 for models too big for the CPU).
     """
     p = PRECISIONS[dtype]
     try:
         net = sensitize(model.to(dtype), shape, seed).eval()
     except Exception as error:  # noqa: BLE001 - e.g. an aux head that cannot run at this size in train mode
         raise Untestable(f"the original network fails in train mode: {type(error).__name__}") from error
-    example = torch.zeros(1, *shape, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
-    xs = [torch.randn((2, *shape), generator=gen, dtype=dtype) for _ in range(n)]
+    device = device_of(net)
+    example = torch.zeros(1, *shape, dtype=dtype, device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    xs = [torch.randn((2, *shape), generator=gen, dtype=dtype, device=device) for _ in range(n)]
     with torch.no_grad():
         before = net(xs[0])
     if not torch.isfinite(before).all():
