@@ -4,6 +4,7 @@ CI runs a fixed sample that covers every stem family the library claims; the ful
 timm and torchvision registries run behind ``-m zoo_full`` and print a summary.
 """
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -133,7 +134,8 @@ def _runs(model, shape, dtype=D):
 
 def _timm_build(name):
     """Small inputs where the model allows them (img_size=64), else its own input size; in
-    float64, or float32 above INFLATE_ZOO_MAX_PARAMS."""
+    float64, or float32 above INFLATE_ZOO_MAX_PARAMS. With INFLATE_ZOO_OFFLOAD=folder its weights
+    live in files there (zoo.offloaded): models larger than the memory, at the disk's speed."""
     try:
         with torch.device("meta"):  # count parameters without allocating them
             count = sum(p.numel() for p in timm.create_model(name).parameters())
@@ -143,9 +145,12 @@ def _timm_build(name):
     cfg = timm.models.get_pretrained_cfg(name)
     size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
     attempts = [({"img_size": 64}, (size[0], 64, 64)), ({}, (size[0], 64, 64)), ({}, size)]
+    offload = os.environ.get("INFLATE_ZOO_OFFLOAD")
     for kwargs, shape in attempts:
         try:
-            return _runs(timm.create_model(name, **kwargs), shape, dtype)
+            with zoo.offloaded(offload, dtype) if offload else contextlib.nullcontext():
+                model = timm.create_model(name, **kwargs)
+            return _runs(model, shape, dtype)
         except Exception as error:  # noqa: BLE001 - try the next way to build it
             last = error.with_traceback(None)  # its frames would keep the failed model alive
     raise last
@@ -251,3 +256,14 @@ def test_the_sweep_driver_checks_each_model_in_its_own_process_and_resumes(tmp_p
                    cwd=Path(__file__).parents[1])
     last = json.loads(out.read_text().splitlines()[-1])
     assert (last["name"], last["outcome"]) == ("resnet50", "timeout: over 1 s") and len(out.read_text().splitlines()) == 3
+
+
+def test_offloaded_weights_live_in_files_and_check_exact(tmp_path, monkeypatch):
+    """INFLATE_ZOO_OFFLOAD: the large weights are built in the check's dtype in files (the page cache
+    holds what fits), so models larger than the memory can be checked; the check is the same."""
+    monkeypatch.setenv("INFLATE_ZOO_OFFLOAD", str(tmp_path))
+    model, shape, dtype = _timm_build("resnet18")
+    backed = {n for n, p in model.named_parameters() if p.untyped_storage().filename}
+    assert "layer4.1.conv2.weight" in backed and "fc.weight" not in backed  # 2.4M and 0.5M elements
+    assert dtype == D and model.layer4[1].conv2.weight.dtype == D and not list(tmp_path.iterdir())
+    assert outcome(lambda: (model, shape, dtype)) == "exact"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from inflate import InflateError, find_input_layers, inflate_first_conv
 from inflate.testing import assert_repeat_equivalent, assert_zero_inflation_equivalent
@@ -191,6 +195,39 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
             raise AssertionError("inflating a copy changed the original: a tensor it shares was written")
     return {"zero": z.max_relative_diff, "repeat": r.max_relative_diff, "output_rtol": out_tol,
             "rtol": p.layers, "amplification": amp}
+
+
+class offloaded(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.device
+    """Within it, tensors are made in ``dtype`` by default, and every ``torch.empty`` of at least
+    ``min_numel`` elements on the CPU (the weights of ``nn.Linear``, ``nn.Conv2d`` ...) is backed
+    by a file in ``folder``, mapped shared: the page
+    cache holds what fits in memory and the disk the rest, so a model larger than the machine's
+    memory can be built and checked (slowly). The files are unlinked at once; their space is
+    freed with the tensors."""
+
+    def __init__(self, folder: str | os.PathLike, dtype: torch.dtype = F32, min_numel: int = 1 << 20) -> None:
+        super().__init__()
+        self.folder, self.dtype, self.min_numel, self.count = Path(folder), dtype, min_numel, itertools.count()
+
+    def __enter__(self):
+        self.default, _ = torch.get_default_dtype(), torch.set_default_dtype(self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.default)
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and torch.device(kwargs.get("device") or "cpu").type == "cpu":
+            size = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else args
+            if math.prod(size) >= self.min_numel:
+                path = self.folder / f"{os.getpid()}-{next(self.count)}"
+                dtype = kwargs.get("dtype") or torch.get_default_dtype()
+                tensor = torch.from_file(str(path), shared=True, size=math.prod(size), dtype=dtype).view(size)
+                path.unlink()  # the mapping keeps the file's pages; they go with the tensor
+                return tensor.requires_grad_(bool(kwargs.get("requires_grad")))
+        return func(*args, **kwargs)
 
 
 def lean_copy(net: nn.Module, layers: list[str]) -> nn.Module:
