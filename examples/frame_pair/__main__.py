@@ -1,4 +1,4 @@
-"""Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate> [--preset P] ...``.
+"""Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate|throughput> [--preset P] ...``.
 
 Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke|_long]``):
 ``metrics.json``, PNG figures, and ``models/`` (one ``.safetensors`` file per stage, its metadata in
