@@ -81,6 +81,31 @@ def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(mo
     assert seen and set(seen) <= set(data.TRAIN_PHOTOS) and not set(data.TRAIN_PHOTOS) & set(data.HELDOUT_PHOTOS)
 
 
+def test_compared_models_start_from_the_same_fresh_head():
+    """The single-frame model's head is driven to about zero (a saddle for learning the motion), so
+    every compared model starts from the same fresh one, drawn from the seed without touching the
+    global random state."""
+    import copy
+
+    from examples.frame_pair.model import CoordNet
+    from examples.frame_pair.pipeline import inflated
+
+    net = CoordNet(pretrained=False)
+    assert not net.head.weight.any()  # the single-frame model starts from the identity map
+    single, pair = copy.deepcopy(net), inflated(net, 2)
+    state = torch.get_rng_state()
+    single.new_head(0)
+    pair.new_head(0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(single.head.weight, pair.head.weight) and torch.equal(single.head.bias, pair.head.bias)
+    assert single.head.weight.abs().max() > 0.1 and single.head.weight.abs().max() <= 0.25  # 1/sqrt(16)
+    other = copy.deepcopy(net)
+    other.new_head(1)
+    assert not torch.equal(other.head.weight, single.head.weight)
+    x = torch.rand(1, 3, 64, 112)
+    torch.testing.assert_close(pair(torch.cat([x, torch.rand_like(x)], 1)), single(x.clone()), rtol=0, atol=1e-6)
+
+
 def test_baselines_turn_flow_into_coordinates_with_the_right_sign():
     from examples.frame_pair import data, evaluate
 

@@ -46,6 +46,19 @@ class CoordNet(nn.Module):
         nn.init.zeros_(self.head.weight)  # start from the identity map
         nn.init.zeros_(self.head.bias)
 
+    def new_head(self, seed: int) -> None:
+        """Re-initialize the head (PyTorch's default init, drawn on the CPU from ``seed``).
+
+        Early in training one frame tells little about the motion, so the single-frame model
+        drives its head to about zero; from there, a model that could read the motion gets almost
+        no gradient through the head to learn to (side runs: the zero-inflated pair stayed at the
+        identity's loss for 1000 steps). From a fresh head it does, after a plateau.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = nn.Conv2d(self.head.in_channels, self.head.out_channels, 1)
+        self.head.load_state_dict(fresh.state_dict())
+
     def forward(self, frames: Tensor) -> Tensor:
         x = self.stem((frames - MEAN) / STD)
         taps = []

@@ -3,8 +3,10 @@
 1. Build the single-frame coordinate network on ImageNet weights and train it on single frames.
 2. Inflate copies of it to 2 and to ``cfg.many`` inputs with the ``zero`` rule: each starts out
    computing exactly what the single-frame model computes.
-3. Choose what trains: all layers, Adam, for the compared models alike; the single-frame model
-   continues with the very same recipe and samples, so the comparison isolates the extra frames.
+3. Choose what trains: all layers, Adam, for the compared models alike, each starting from the
+   same fresh head (:meth:`~.model.CoordNet.new_head`: the single-frame model's is about zero,
+   a saddle); the single-frame model continues with the very same recipe and samples, so the
+   comparison isolates the extra frames.
 4. Train on samples drawn afresh for every step from the training photos.
 5. Evaluate on held-out photos, on training photos and on the Middlebury stereo pair, next to
    classical baselines.
@@ -70,6 +72,7 @@ def train_models(cfg: RunConfig) -> dict[str, tuple[nn.Module, int, History]]:
     models = {"base": (base, 1, h0)}
     for name, n in (("single", 1), ("pair", 2), (f"frames{cfg.many}", cfg.many)):
         start = copy.deepcopy(base) if n == 1 else inflated(base, n)
+        start.new_head(cfg.seed)  # the same fresh head for every compared model
         model, history = train_stage(cfg, name, start, n, None if n == 1 else "zero", cfg.steps, stream=1)
         models[name] = (model, n, history)
     return models
