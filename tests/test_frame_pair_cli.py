@@ -114,6 +114,7 @@ def test_throughput_times_every_stage_projects_the_preset_and_resizes_it(tmp_pat
     measured = throughput.measure(config.make(out, "smoke"), steps=2)
     assert [r["minutes"] for r in measured] == [r["steps"] * (r["batch s"] + r["step s"]) / 60 for r in measured]
     total = float(re.search(r"training about (\S+) min", lines[5])[1])
-    steps, base = map(int, re.fullmatch(r"to train in about 3 min: --steps (\d+) --base-steps (\d+)", lines[6]).groups())
+    suggested = re.fullmatch(r"to train in about 3 min: --steps (\d+) --base-steps (\d+)", lines[6])
+    steps, base = map(int, suggested.groups())
     assert steps == pytest.approx(4 * 3 / total, rel=0.05, abs=1) and base == pytest.approx(steps / 2, abs=1)
     assert not out.exists()

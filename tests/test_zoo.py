@@ -136,12 +136,7 @@ def _timm_build(name):
     """Small inputs where the model allows them (img_size=64), else its own input size; in
     float64, or float32 above INFLATE_ZOO_MAX_PARAMS. With INFLATE_ZOO_OFFLOAD=folder its weights
     live in files there (zoo.offloaded): models larger than the memory, at the disk's speed."""
-    try:
-        with torch.device("meta"):  # count parameters without allocating them
-            count = sum(p.numel() for p in timm.create_model(name).parameters())
-    except Exception:  # noqa: BLE001 - some constructors compute on real tensors: count after building
-        count = 0
-    dtype = _precision(count)
+    dtype = _precision(zoo.meta_count(lambda: timm.create_model(name)) or 0)  # unknown: checked as small
     cfg = timm.models.get_pretrained_cfg(name)
     size = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
     attempts = [({"img_size": 64}, (size[0], 64, 64)), ({}, (size[0], 64, 64)), ({}, size)]
@@ -255,7 +250,8 @@ def test_the_sweep_driver_checks_each_model_in_its_own_process_and_resumes(tmp_p
                     "--timeout", "1"], capture_output=True, text=True, timeout=600, check=True,
                    cwd=Path(__file__).parents[1])
     last = json.loads(out.read_text().splitlines()[-1])
-    assert (last["name"], last["outcome"]) == ("resnet50", "timeout: over 1 s") and len(out.read_text().splitlines()) == 3
+    assert (last["name"], last["outcome"]) == ("resnet50", "timeout: over 1 s")
+    assert len(out.read_text().splitlines()) == 3
 
 
 def test_offloaded_weights_live_in_files_and_check_exact(tmp_path, monkeypatch):

@@ -200,17 +200,17 @@ def check(model: nn.Module, shape: tuple[int, ...], n: int = 2, seed: int = 0,
 class offloaded(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.device
     """Within it, tensors are made in ``dtype`` by default, and every ``torch.empty`` of at least
     ``min_numel`` elements on the CPU (the weights of ``nn.Linear``, ``nn.Conv2d`` ...) is backed
-    by a file in ``folder``, mapped shared: the page
-    cache holds what fits in memory and the disk the rest, so a model larger than the machine's
-    memory can be built and checked (slowly). The files are unlinked at once; their space is
-    freed with the tensors."""
+    by a file in ``folder``, mapped shared: the page cache holds what fits in memory and the disk
+    the rest, so a model larger than the machine's memory can be built and checked (slowly).
+    The files are unlinked at once; their space is freed with the tensors."""
 
     def __init__(self, folder: str | os.PathLike, dtype: torch.dtype = F32, min_numel: int = 1 << 20) -> None:
         super().__init__()
         self.folder, self.dtype, self.min_numel, self.count = Path(folder), dtype, min_numel, itertools.count()
 
     def __enter__(self):
-        self.default, _ = torch.get_default_dtype(), torch.set_default_dtype(self.dtype)
+        self.default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -221,13 +221,23 @@ class offloaded(TorchFunctionMode):  # noqa: N801 - used as a context manager, l
         kwargs = kwargs or {}
         if func is torch.empty and torch.device(kwargs.get("device") or "cpu").type == "cpu":
             size = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else args
-            if math.prod(size) >= self.min_numel:
+            if (numel := math.prod(size)) >= self.min_numel:
                 path = self.folder / f"{os.getpid()}-{next(self.count)}"
                 dtype = kwargs.get("dtype") or torch.get_default_dtype()
-                tensor = torch.from_file(str(path), shared=True, size=math.prod(size), dtype=dtype).view(size)
+                tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(size)
                 path.unlink()  # the mapping keeps the file's pages; they go with the tensor
                 return tensor.requires_grad_(bool(kwargs.get("requires_grad")))
         return func(*args, **kwargs)
+
+
+def meta_count(make) -> int | None:
+    """Parameters of the model ``make()`` builds on the meta device (no memory), or None if it
+    cannot be built there (some constructors compute on real tensors)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in make().parameters())
+    except Exception:  # noqa: BLE001 - unknown: the caller decides
+        return None
 
 
 def lean_copy(net: nn.Module, layers: list[str]) -> nn.Module:

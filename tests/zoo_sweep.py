@@ -42,21 +42,15 @@ def _registry(name: str):
 
 def count(registry: str, name: str) -> int | None:
     """Parameters of a model built on the meta device (None if it cannot be built there)."""
-    import torch
+    from . import zoo
 
-    try:
-        with torch.device("meta"):
-            if registry == "timm":
-                import timm
+    if registry == "timm":
+        import timm
 
-                model = timm.create_model(name)
-            else:
-                import torchvision
+        return zoo.meta_count(lambda: timm.create_model(name))
+    import torchvision
 
-                model = torchvision.models.get_model(name, weights=None)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001 - counted as unknown; the check itself will say what is wrong
-        return None
+    return zoo.meta_count(lambda: torchvision.models.get_model(name, weights=None))
 
 
 def one(registry: str, name: str) -> dict[str, object]:

@@ -12,8 +12,8 @@ seen in training. Training draws every sample afresh (:func:`training_batch`): a
 crop and flip of a training photo, colour jitter, a new motion, a random target frame;
 the sample of step ``s`` depends only on ``(seed, s)``, so a resumed run sees the same
 data, and it is made on the device the model trains on (the random draws stay on the CPU:
-only their rounding depends on the device). :func:`stereo_pair` is the real data: the Middlebury motorcycle pair with its true
-disparity.
+only their rounding depends on the device). :func:`stereo_pair` is the real data: the
+Middlebury motorcycle pair with its true disparity.
 
 Coordinates are normalized to ``[-1, 1]`` (``grid_sample``, ``align_corners=False``);
 :func:`to_pixels` converts them to pixels of the 360x640 space.
