@@ -63,8 +63,11 @@ def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(mo
     again = data.training_batch(0, 3, 2, 4, 2, size)
     assert torch.equal(x2, again[0]) and torch.equal(y2, again[1])  # a function of (seed, step)
     assert torch.equal(x1, x2[:, :3]) and torch.equal(y1, y2)  # slot 1 and target: same for 1 and 2 inputs
-    # slot 2 is the reference: slot 1 is the reference seen through the target coordinates, exactly
-    assert torch.equal(data.warp(x2[0, 3:], y2[0]), x2[0, :3])
+    # slot 2 is the reference (frame 0): where the target coordinates fall inside it, slot 1 is the
+    # reference seen through them
+    inside = (y2[0].abs() < 1 - 2 / torch.tensor(size[::-1]).view(2, 1, 1)).all(0)
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close(data.warp(x2[0, 3:], y2[0])[:, inside], x2[0, :3, inside], rtol=0, atol=1e-5)
     assert not torch.allclose(data.warp(x2[0, 3:], data.identity_grid(*size)), x2[0, :3], atol=1e-2)
     other = data.training_batch(0, 4, 2, 4, 2, size)
     assert not torch.equal(x2, other[0]) and not torch.equal(y2, other[1])  # drawn afresh every step
@@ -78,6 +81,36 @@ def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(mo
     for step in range(8):
         data.training_batch(0, step, 2, 4, 2, size)
     assert seen and set(seen) <= set(data.TRAIN_PHOTOS) and not set(data.TRAIN_PHOTOS) & set(data.HELDOUT_PHOTOS)
+
+
+def test_frames_are_windows_into_a_larger_canvas_and_never_repeat_their_edge():
+    """What a motion brings into view is real content of the canvas, not frame 0's edge repeated
+    (border streaks that tell even a single frame which way the camera moved)."""
+    from examples.frame_pair import data
+
+    size = (36, 64)
+    gen = torch.Generator().manual_seed(0)
+    canvas = data.augmented_canvas(gen, data.TRAIN_PHOTOS, size)
+    assert canvas.shape[-2:] == data.canvas_size(size) == (44, 80)
+    frame0 = data.window(canvas, size)
+    identity = data.view(canvas, data.identity_grid(*size))  # the identity shows the window
+    torch.testing.assert_close(identity, frame0, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="expected 44x80 pixels, got"):
+        data.window(canvas[:, 1:], size)
+    motion = data.Motion(2, 0.0, 0.0, (-4 * 2 / 64, 0.0), torch.zeros(2, 2, 10, 17), torch.zeros(0, 6))
+    coords = motion.coords(1, size)  # the camera moves 4 px left: 4 columns come from outside frame 0
+    frame = data.view(canvas, coords)
+    shown = canvas[:, 4:40, 4:68]  # the window (rows 4:40, columns 8:72) moved 4 columns left
+    torch.testing.assert_close(frame, shown, rtol=0, atol=1e-5)
+    streaks = data.warp(frame0, coords)  # negative control: frame 0 sampled with its edge repeated
+    torch.testing.assert_close(streaks[:, :, :4], frame0[:, :, :1].expand(-1, -1, 4), rtol=0, atol=1e-5)
+    assert not torch.allclose(streaks, shown, rtol=0, atol=1e-3)
+    # every drawn motion stays inside the canvas (half a pixel of the 800-pixel canvas to spare)
+    ch, cw = data.canvas_size((data.COORD_H, data.COORD_W))
+    scale = torch.tensor([data.COORD_W / cw, data.COORD_H / ch]).view(2, 1)
+    reach = torch.stack([(data.Motion.draw(gen, 10).coords(9, (45, 80)).flatten(1) * scale).abs().amax(1)
+                         for _ in range(200)])
+    assert reach.max() < 1 - 1 / cw, reach.max()
 
 
 def test_compared_models_start_from_the_same_fresh_head():
@@ -109,12 +142,12 @@ def test_baselines_turn_flow_into_coordinates_with_the_right_sign():
     from examples.frame_pair import data, evaluate
 
     motion = data.Motion(2, 0.0, 0.0, (12 * 2 / 640, -8 * 2 / 360), torch.zeros(2, 2, 10, 17), torch.zeros(0, 6))
-    source = data.photo("coffee")
-    coords = motion.coords(1)
-    frame = data.warp(source, coords)
+    video = data.make_video("coffee", 2, 0)
+    source, coords = video.image, motion.coords(1)
+    frame = data.view(video.canvas, coords)
     identity = evaluate.epe_map(evaluate.baseline("identity", frame, source, (90, 160)), coords)
     assert identity.mean().item() == pytest.approx((12**2 + 8**2) ** 0.5, rel=1e-4)
-    inner = (slice(20, -20), slice(20, -20))  # away from the border, where the frame repeats its edge
+    inner = (slice(20, -20), slice(20, -20))  # away from the border, where the frame shows what the source lacks
     for name in ("phase_correlation", "tvl1", "ilk"):
         pred = evaluate.baseline(name, frame, source, (90, 160))
         error = evaluate.epe_map(pred, coords)[inner].mean().item()

@@ -2,7 +2,10 @@
 
 A "video" is a source image (360x640, the coordinate space ``COORD_H x COORD_W`` of the
 study) seen through a moving camera: pixel ``(x, y)`` of frame ``t`` shows the source's
-point ``coords_t[y, x]``. Frame 0 is the source itself (the identity map). The motion is
+point ``coords_t[y, x]``. Frame 0 is the source itself (the identity map). Every frame is a
+window into a larger canvas (the source and a margin of ``MARGIN`` of its size on every
+side, cut from the same photo), so what a motion brings into view is real image content:
+no frame repeats its edge, which would tell a single frame about the motion. The motion is
 drawn per video (FlyingChairs-style): a global rotation, zoom and drift that grow with
 ``t``, small local shifts (a coarse grid of random offsets, interpolated), and a few
 elliptic regions that move on their own, with motion boundaries at their edges.
@@ -34,6 +37,9 @@ from .config import HELDOUT_PHOTOS, TRAIN_PHOTOS  # noqa: F401 (re-exported)
 
 COORD_H, COORD_W = 360, 640
 MOTION = {"angle": 0.04, "zoom": 0.04, "drift": 0.04, "shift_px": 2.0, "object_px": 12.0}  # at the last frame
+# The canvas margin, a fraction of the frame's size on each side. The motions above reach at most
+# 1.10 (x) and 1.15 (y) in normalized coordinates (3,000 draws); the canvas spans 1.25.
+MARGIN = 0.125
 
 
 def _image(name: str) -> Tensor:
@@ -50,21 +56,55 @@ def _cached(name: str, device: str = "cpu") -> Tensor:
     return _image(name) if device == "cpu" else _cached(name).to(device)
 
 
+def _largest(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The largest box of ``size``'s aspect ratio in an ``h x w`` image."""
+    return (h, round(h * size[1] / size[0])) if w / h > size[1] / size[0] else (round(w * size[0] / size[1]), w)
+
+
 def _fit(image: Tensor, box: tuple[int, int, int, int] | None = None,
          size: tuple[int, int] = (COORD_H, COORD_W)) -> Tensor:
-    """Crop ``image`` to ``box`` = (top, left, height, width) (default: the central 16:9 box), resize to ``size``."""
+    """Crop ``image`` to ``box`` = (top, left, height, width) (default: the largest central box of
+    ``size``'s shape), resize to ``size``."""
     h, w = image.shape[1:]
     if box is None:
-        ch, cw = (h, round(h * COORD_W / COORD_H)) if w / h > COORD_W / COORD_H else (round(w * COORD_H / COORD_W), w)
+        ch, cw = _largest(h, w, size)
         box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
     top, left, ch, cw = box
     crop = image[:, top : top + ch, left : left + cw]
     return F.interpolate(crop[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
+def canvas_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The canvas of frames of ``size``: ``size`` and ``round(MARGIN * size)`` pixels on every side."""
+    h, w = size
+    return h + 2 * round(h * MARGIN), w + 2 * round(w * MARGIN)
+
+
+def window(canvas: Tensor, size: tuple[int, int]) -> Tensor:
+    """The centre ``size`` pixels of ``canvas`` ``(C, H, W)``: frame 0, the identity map."""
+    (h, w), (ch, cw) = size, canvas_size(size)
+    if tuple(canvas.shape[-2:]) != (ch, cw):
+        raise ValueError(f"canvas of {size} frames: expected {ch}x{cw} pixels, got {tuple(canvas.shape[-2:])}")
+    top, left = (ch - h) // 2, (cw - w) // 2
+    return canvas[:, top : top + h, left : left + w]
+
+
+def view(canvas: Tensor, coords: Tensor) -> Tensor:
+    """The frame that shows ``canvas`` at ``coords`` ``(2, h, w)``, normalized in the ``(h, w)`` window."""
+    h, w = coords.shape[-2:]
+    ch, cw = canvas.shape[-2:]
+    scale = torch.tensor([w / cw, h / ch], dtype=coords.dtype, device=coords.device).view(2, 1, 1)
+    return warp(canvas, coords * scale)
+
+
+def photo_canvas(name: str) -> Tensor:
+    """A scikit-image photo's largest centred box of the canvas's shape, resized to the canvas of 360x640."""
+    return _fit(_cached(name), size=canvas_size((COORD_H, COORD_W)))
+
+
 def photo(name: str) -> Tensor:
-    """A scikit-image photo, center-cropped to 16:9 and resized to ``(3, 360, 640)`` in ``[0, 1]``."""
-    return _fit(_cached(name))
+    """A scikit-image photo as frame 0 sees it: the window ``(3, 360, 640)`` in ``[0, 1]`` of its canvas."""
+    return window(photo_canvas(name), (COORD_H, COORD_W))
 
 
 def identity_grid(h: int, w: int, device: torch.device | str | None = None) -> Tensor:
@@ -146,20 +186,23 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 @dataclass
 class Video:
-    """A source image and its frames: ``frames[t]`` ``(3, 360, 640)`` shows ``image`` at ``coords[t]``."""
+    """A source image and its frames: ``frames[t]`` ``(3, 360, 640)`` shows ``image`` (frame 0) at
+    ``coords[t]``; the frames are views of ``canvas``, so they show what lies outside ``image`` too."""
 
     name: str
     image: Tensor
     frames: list[Tensor]
     coords: list[Tensor]
+    canvas: Tensor
 
 
-def make_video(name: str, num_frames: int, seed: int, image: Tensor | None = None) -> Video:
-    """Frames ``0..num_frames-1`` of photo ``name`` (or of ``image``) under a motion drawn from ``seed``."""
-    image = photo(name) if image is None else image
+def make_video(name: str, num_frames: int, seed: int, canvas: Tensor | None = None) -> Video:
+    """Frames ``0..num_frames-1`` of photo ``name`` (or of ``canvas``, 450x800) under a motion drawn from ``seed``."""
+    canvas = photo_canvas(name) if canvas is None else canvas
     motion = Motion.draw(torch.Generator().manual_seed(seed), num_frames)
     coords = [motion.coords(t) for t in range(num_frames)]
-    return Video(name, image, [warp(image, c) for c in coords], coords)
+    image = window(canvas, (COORD_H, COORD_W))
+    return Video(name, image, [image] + [view(canvas, c) for c in coords[1:]], coords, canvas)
 
 
 def slots(t: int, num_frames: int, num_inputs: int) -> list[int]:
@@ -189,13 +232,14 @@ def _jitter(gen: torch.Generator, image: Tensor) -> Tensor:
     return (image * b * tint).clamp(0, 1)
 
 
-def augmented_source(gen: torch.Generator, photos: tuple[str, ...], size: tuple[int, int],
+def augmented_canvas(gen: torch.Generator, photos: tuple[str, ...], size: tuple[int, int],
                      device: torch.device | str = "cpu") -> Tensor:
-    """A random 16:9 crop (60-100% of the largest) of a random photo at ``size``, flipped half the time,
-    colour-jittered, on ``device``."""
+    """The canvas of frames of ``size``: a random crop (60-100% of the largest) of a random photo,
+    resized to ``canvas_size(size)``, flipped half the time, colour-jittered, on ``device``."""
     image = _cached(photos[int(torch.randint(len(photos), (1,), generator=gen))], str(torch.device(device)))
     h, w = image.shape[1:]
-    ch0, cw0 = (h, round(h * COORD_W / COORD_H)) if w / h > COORD_W / COORD_H else (round(w * COORD_H / COORD_W), w)
+    size = canvas_size(size)
+    ch0, cw0 = _largest(h, w, size)
     scale = 0.6 + 0.4 * float(torch.rand(1, generator=gen))
     ch, cw = max(16, round(ch0 * scale)), max(16, round(cw0 * scale))
     top = int(torch.randint(h - ch + 1, (1,), generator=gen))
@@ -213,16 +257,16 @@ def training_sample(seed: int, index: int, num_frames: int, num_inputs: int, siz
 
     Depends only on its arguments, and models with different ``num_inputs`` get the same
     source, motion and target frame (slot 1 is the same frame for all). Everything is made
-    at ``size`` directly (the source resized once, then warped), which is 4x cheaper than
+    at ``size`` directly (the canvas resized once, then warped), which is 4x cheaper than
     warping at 360x640 and resizing for inputs of half that size. The random draws are made on
     the CPU, the images on ``device`` (at 360x640, ten frames take 0.3 s a sample on a CPU core).
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    source = augmented_source(gen, photos, size, device)
+    canvas = augmented_canvas(gen, photos, size, device)
     motion = Motion.draw(gen, num_frames)
     t = int(torch.randint(1, num_frames, (1,), generator=gen))
     target = motion.coords(t, size, device)
-    frames = [source if u == 0 else warp(source, target if u == t else motion.coords(u, size, device))
+    frames = [window(canvas, size) if u == 0 else view(canvas, target if u == t else motion.coords(u, size, device))
               for u in slots(t, num_frames, num_inputs)]
     return torch.cat(frames), target
 
