@@ -1,6 +1,6 @@
 """Command line: ``python -m examples.frame_pair <train|equivalence|sweep|evaluate|throughput> [--preset P] ...``.
 
-Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke|_long]``):
+Outputs go to one run folder (``--out``, default ``runs/frame_pair[_study][_smoke|_hour|_long]``):
 ``metrics.json``, PNG figures, and ``models/`` (one ``.safetensors`` file per stage, its metadata in
 the file's header). Complete stages found there are reused; an interrupted one continues with
 ``--resume``. Under ``torchrun`` the training runs with DistributedDataParallel (gloo on CPU,
@@ -71,10 +71,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m examples.frame_pair", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["train", "equivalence", "sweep", "evaluate", "throughput"])
     parser.add_argument("runs", nargs="*", help="evaluate only: run folders to compare (default: --out)")
-    parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study, _smoke or _long appended "
+    parser.add_argument("--out", help="run folder (default runs/frame_pair, with _study, _smoke, _hour or _long appended "
                         "for those settings, so their stored models never mix)")
-    parser.add_argument("--preset", choices=["smoke", "demo", "long"], default=None,
-                        help="demo (default): 2 CPU cores, minutes; long: a GPU machine, hours; smoke: seconds")
+    parser.add_argument("--preset", choices=["smoke", "demo", "hour", "long"], default=None,
+                        help="demo (default): 2 CPU cores, minutes; hour: 2 CPU cores, about an hour; "
+                        "long: a GPU machine, hours; smoke: seconds")
     parser.add_argument("--smoke", action="store_true", help="the same as --preset smoke")
     parser.add_argument("--resolution", choices=["preset", "coords", "study"], default="preset",
                         help="model input size: the preset's (default), coords 360x640, or study 120x240")

@@ -1,4 +1,5 @@
-"""What a run does: presets (``smoke`` for tests, ``demo`` for 2 CPU cores, ``long`` for a GPU) and overrides.
+"""What a run does: presets (``smoke`` for tests, ``demo`` for 2 CPU cores in minutes, ``hour`` for 2 CPU
+cores in about an hour, ``long`` for a GPU) and overrides.
 
 Imports neither torch nor the example's other modules, so the command line is checked fast.
 """
@@ -61,6 +62,9 @@ PRESETS: dict[str, dict[str, Any]] = {
               "save_every": 2, "eval_targets": 1, "train_eval": 1, "flow_size": (64, 112), "study_batches": 2,
               "study_epochs": 2},
     "demo": {},
+    # small inputs and many steps: past the plateau of about 1000 steps before the pair learns to
+    # register (side runs at 72x128, batches of 8)
+    "hour": {"size": (72, 128), "batch_size": 8, "base_steps": 100, "steps": 2500, "save_every": 250},
     # for a GPU machine: inputs at the coordinate resolution, larger batches, many more steps. The
     # classical baselines run on the CPU at about 4 s a frame pair: 9 targets on 2 held-out and 3
     # training photos are 45 pairs, about 3 minutes (all 11 training photos would be 8).
