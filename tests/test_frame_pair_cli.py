@@ -81,7 +81,7 @@ def test_cli_rejects_bad_arguments_before_any_work(case, tmp_path):
     assert file.read_text() == "not a folder"
 
 
-def test_cli_accepts_valid_arguments_and_checks_only(tmp_path):
+def test_cli_accepts_valid_arguments_and_checks_only(tmp_path, monkeypatch):
     from examples.frame_pair.__main__ import _args
 
     out = tmp_path / "new" / "run"
@@ -91,6 +91,12 @@ def test_cli_accepts_valid_arguments_and_checks_only(tmp_path):
     args = _args(["sweep", "--frames", "2", "--many", "2", "--videos", "11", "--steps", "1", "--out", str(out)])
     assert (args.frames, args.many, args.videos, args.steps) == (2, 2, 11, 1) and not list(out.iterdir())
     assert _args(["train", "--preset", "long", "--out", str(out)]).preset == "long"
+    monkeypatch.chdir(tmp_path)
+    assert _args(["train", "--preset", "hour"]).out == "runs/frame_pair_hour" and (tmp_path / "runs").is_dir()
+    from examples.frame_pair import config
+
+    hour = config.make(out, "hour")
+    assert (hour.size, hour.batch_size, hour.steps) == ((72, 128), 8, 2500)
     (out / "models").mkdir()
     (out / "models" / "single.safetensors").write_bytes(b"")
     assert _args(["evaluate", str(out)]).runs == [str(out)]
