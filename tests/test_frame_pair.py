@@ -54,6 +54,29 @@ def test_a_diverged_history_saves_and_comes_back_as_nan(tmp_path):
     assert back.spikes[0]["step"] == 1 and back.trainable == "all"
 
 
+def test_input_lr_trains_the_input_layer_faster_and_only_it(monkeypatch):
+    """``input_lr`` puts the layers that read the input (the widened stem of a pair) in their own Adam
+    group at that multiple of ``lr``; at 1 (the default) there is one group, as before."""
+    from examples.frame_pair import fit as fit_module
+    from examples.frame_pair.model import CoordNet
+    from examples.frame_pair.pipeline import inflated
+
+    pair = inflated(CoordNet(pretrained=False), 2)
+    batch = (torch.rand(1, 6, 64, 112), torch.zeros(1, 2, 64, 112))
+    seen = []
+    real = fit_module.make_optimizer
+    monkeypatch.setattr(fit_module, "make_optimizer", lambda *args: seen.append(real(*args)) or seen[-1])
+    fit_module.fit(pair, [batch], fit_module.FitConfig(lr=1e-4, steps=1, input_lr=30))
+    fit_module.fit(pair, [batch], fit_module.FitConfig(lr=1e-4, steps=1))
+    boosted, plain = seen
+    stem = pair.stem[0].weight
+    assert stem.shape[1] == 6
+    assert [g["lr"] for g in boosted.param_groups] == [1e-4, pytest.approx(3e-3)]
+    assert [id(p) for p in boosted.param_groups[1]["params"]] == [id(stem)]
+    assert sum(len(g["params"]) for g in boosted.param_groups) == len(list(pair.parameters()))
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["lr"] == 1e-4  # negative control
+
+
 def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(monkeypatch):
     from examples.frame_pair import data
 

@@ -50,6 +50,9 @@ _BAD = {
     "evaluate-empty": (["evaluate", "--out", "OUT"], "OUT"),
     "minutes-given-to-train": (["train", "--smoke", "--minutes", "5"], "--minutes"),
     "minutes-0": (["throughput", "--smoke", "--minutes", "0"], "--minutes"),
+    "input-lr-0": (["train", "--smoke", "--input-lr", "0"], "--input-lr"),
+    "input-lr-nan": (["train", "--smoke", "--input-lr", "nan"], "--input-lr"),
+    "input-lr-text": (["train", "--smoke", "--input-lr", "fast"], "--input-lr"),
 }
 
 
@@ -96,7 +99,8 @@ def test_cli_accepts_valid_arguments_and_checks_only(tmp_path, monkeypatch):
     from examples.frame_pair import config
 
     hour = config.make(out, "hour")
-    assert (hour.size, hour.batch_size, hour.steps) == ((72, 128), 8, 2500)
+    assert (hour.size, hour.batch_size, hour.steps, hour.input_lr) == ((72, 128), 8, 2500, 1.0)
+    assert _args(["train", "--smoke", "--input-lr", "30", "--out", str(out)]).input_lr == 30.0
     (out / "models").mkdir()
     (out / "models" / "single.safetensors").write_bytes(b"")
     assert _args(["evaluate", str(out)]).runs == [str(out)]

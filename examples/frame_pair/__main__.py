@@ -39,6 +39,17 @@ def _int(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def _positive(text: str) -> float:
+    """An argparse ``type=``: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return value
+
+
 def _check_out(parser: argparse.ArgumentParser, out: Path) -> None:
     """``--out`` must be a folder, or creatable, and writable: create it and a temp file in it."""
     try:
@@ -82,6 +93,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage")
     parser.add_argument("--steps", type=_int(1), help="steps of each compared stage (single, pair, frames<many>)")
     parser.add_argument("--base-steps", type=_int(1), help="steps of the single-frame model's stage")
+    parser.add_argument("--input-lr", type=_positive, help="the compared stages' input layer learning rate, as a "
+                        "multiple of the others' (default 1; 30 shortens the pair's plateau about 4x)")
     parser.add_argument("--videos", type=_int(1), help="training photos used (the first ones)")
     parser.add_argument("--frames", type=_int(2), help="frames per video")
     parser.add_argument("--many", type=_int(2), help="inputs of the scale-up stage (about ten)")
@@ -118,7 +131,8 @@ def _config(args: argparse.Namespace) -> config.RunConfig:
 
     size = {"preset": None, "coords": (360, 640), "study": config.STUDY_SIZE}[args.resolution]
     return config.make(args.out, args.preset, size=size, steps=args.steps, base_steps=args.base_steps,
-                       videos=args.videos, frames=args.frames, many=args.many, resume=args.resume or None)
+                       videos=args.videos, frames=args.frames, many=args.many, input_lr=args.input_lr,
+                       resume=args.resume or None)
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:

@@ -31,6 +31,7 @@ class RunConfig:
     base_steps: int = 60  # the single-frame model ("pretrained single-frame model")
     steps: int = 150  # each compared stage: single, pair, frames<many>
     lr: float = 3e-4  # Adam, all layers, every stage
+    input_lr: float = 1.0  # the input layer's learning rate, as a multiple of lr (compared stages)
     save_every: int = 25
     eval_targets: int = 3  # target frames scored per evaluation video
     train_eval: int = 3  # training photos scored (new motions, centre crops)

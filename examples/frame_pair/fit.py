@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from inflate import SpikeMonitor, check_optimizer, finetune, pin_batchnorm
+from inflate import SpikeMonitor, check_optimizer, find_input_layers, finetune, pin_batchnorm
 
 from . import cache, ddp, resume
 from .model import coordinate_loss
@@ -39,6 +39,7 @@ class FitConfig:
     skip_spikes: bool = False
     save_every: int = 25
     cache: bool = True  # cache the frozen prefix when only the last layer trains on fixed batches
+    input_lr: float = 1.0  # the learning rate of the layers that read the input, as a multiple of ``lr``
 
 
 @dataclass
@@ -71,10 +72,18 @@ def _map_floats(value: Any, f: Callable[[Any], Any]) -> Any:
     return f(value) if value is None or isinstance(value, float) else value
 
 
-def make_optimizer(cfg: FitConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: FitConfig, params: list[nn.Parameter],
+                   input_params: Sequence[nn.Parameter] = ()) -> torch.optim.Optimizer:
+    """SGD or Adam at ``cfg.lr``; with ``cfg.input_lr != 1``, ``input_params`` (those of ``params`` in the
+    layers that read the input) form a second group at ``cfg.input_lr * cfg.lr``."""
+    groups: list[dict[str, Any]] | list[nn.Parameter] = params
+    if cfg.input_lr != 1:
+        ids = {id(p) for p in input_params}
+        groups = [{"params": [p for p in params if id(p) not in ids]},
+                  {"params": [p for p in params if id(p) in ids], "lr": cfg.input_lr * cfg.lr}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
 
 
 def fit(model: nn.Module, batches: Sequence[Batch] | Callable[[int], Batch], cfg: FitConfig, *,
@@ -92,7 +101,8 @@ def fit(model: nn.Module, batches: Sequence[Batch] | Callable[[int], Batch], cfg
     pin_batchnorm(model, "eval", small_batch="ignore")  # never flips between training and evaluation
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    inputs = find_input_layers(model, batch(0)[0][:1].to(device)) if cfg.input_lr != 1 else []
+    optimizer = make_optimizer(cfg, params, [p for name in inputs for p in model.get_submodule(name).parameters()])
     check_optimizer(model, optimizer)
     history = History(trainable=str(report))
     if checkpoint is not None and (stored := resume.restore(checkpoint, model, optimizer)) is not None:

@@ -36,14 +36,16 @@ def device() -> torch.device:
 
 
 def train_stage(cfg: RunConfig, name: str, model: nn.Module, num_inputs: int, init: str | None, steps: int,
-                stream: int) -> tuple[nn.Module, History]:
-    """Train (or reuse, or continue) one stage on the sample stream ``stream``: all layers, Adam ``cfg.lr``."""
+                stream: int, input_lr: float = 1.0) -> tuple[nn.Module, History]:
+    """Train (or reuse, or continue) one stage on the sample stream ``stream``: all layers, Adam ``cfg.lr``
+    (the input layer at ``input_lr`` times that)."""
     path = cfg.out / "models" / name
     model = model.to(device())
     if (found := store.stored(cfg, path, steps)) is not None:
         model.load_state_dict(found[0])
         return model, History.from_json(found[1]["history"])
-    fit_cfg = FitConfig(policy="all", optimizer="adam", lr=cfg.lr, steps=steps, save_every=cfg.save_every)
+    fit_cfg = FitConfig(policy="all", optimizer="adam", lr=cfg.lr, steps=steps, save_every=cfg.save_every,
+                        input_lr=input_lr)
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return training_batch(cfg.seed * 100 + stream, step, cfg.batch_size, cfg.frames, num_inputs, cfg.size,
@@ -73,7 +75,8 @@ def train_models(cfg: RunConfig) -> dict[str, tuple[nn.Module, int, History]]:
     for name, n in (("single", 1), ("pair", 2), (f"frames{cfg.many}", cfg.many)):
         start = copy.deepcopy(base) if n == 1 else inflated(base, n)
         start.new_head(cfg.seed)  # the same fresh head for every compared model
-        model, history = train_stage(cfg, name, start, n, None if n == 1 else "zero", cfg.steps, stream=1)
+        model, history = train_stage(cfg, name, start, n, None if n == 1 else "zero", cfg.steps, stream=1,
+                                     input_lr=cfg.input_lr)
         models[name] = (model, n, history)
     return models
 

@@ -16,7 +16,7 @@ from .config import RunConfig
 from .model import CoordNet
 
 ARCHITECTURE = "CoordNet(tf_efficientnet_lite0)"
-SAME = ("size", "frames", "videos", "batch_size", "seed")  # what a stored stage must share with the run
+SAME = ("size", "frames", "videos", "batch_size", "seed", "input_lr")  # what a stored stage must share with the run
 
 
 def metadata(cfg: RunConfig, stage: str, num_inputs: int, init: str | None) -> dict[str, Any]:
