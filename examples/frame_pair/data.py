@@ -102,11 +102,6 @@ def photo_canvas(name: str) -> Tensor:
     return _fit(_cached(name), size=canvas_size((COORD_H, COORD_W)))
 
 
-def photo(name: str) -> Tensor:
-    """A scikit-image photo as frame 0 sees it: the window ``(3, 360, 640)`` in ``[0, 1]`` of its canvas."""
-    return window(photo_canvas(name), (COORD_H, COORD_W))
-
-
 def identity_grid(h: int, w: int, device: torch.device | str | None = None) -> Tensor:
     """``(2, h, w)`` normalized coordinates of pixel centres (x first)."""
     ys = (torch.arange(h, device=device) + 0.5) / h * 2 - 1
