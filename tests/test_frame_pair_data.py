@@ -109,6 +109,28 @@ def test_baselines_turn_flow_into_coordinates_with_the_right_sign():
         assert evaluate.epe_map(flipped, coords)[inner].mean().item() > identity.mean().item(), name
 
 
+def test_precomputed_baselines_equal_direct_calls_and_are_computed_once(monkeypatch):
+    """The threaded :func:`precompute` gives each pair exactly what a direct call gives, and a pair
+    already computed is not computed again (the figures reuse the scores' pairs)."""
+    from examples.frame_pair import data, evaluate
+
+    videos = [data.make_video(name, 3, i) for i, name in enumerate(("coffee", "rocket"))]
+    pairs = [(v.frames[t], v.image) for v in videos for t in (1, 2)]
+    direct = {(name, i): evaluate.baseline(name, frame, source, (45, 80))
+              for name in evaluate.BASELINES for i, (frame, source) in enumerate(pairs)}
+    methods = evaluate.methods({}, (48, 80), (45, 80))
+    evaluate.precompute(methods, pairs)
+    calls = []
+    monkeypatch.setattr(evaluate, "baseline", lambda *args: calls.append(args) or data.identity_grid(360, 640))
+    for (name, i), expected in direct.items():
+        assert torch.equal(methods[name][1]([pairs[i][0]], pairs[i][1]), expected), (name, i)
+    assert calls == []
+    assert not torch.equal(direct["tvl1", 0], direct["identity", 0])  # the comparison can fail
+    again = data.make_video("coffee", 3, 0)  # equal tensors, other objects: computed, not taken for the first
+    methods["tvl1"][1]([again.frames[1]], again.image)
+    assert len(calls) == 1
+
+
 def test_stereo_pair_truth_reconstructs_the_left_view():
     from examples.frame_pair import data, evaluate
 

@@ -88,6 +88,8 @@ def evaluation(cfg: RunConfig, models: dict[str, tuple[nn.Module, int]]) -> dict
     heldout = [make_video(n, cfg.frames, 10_000 + i) for i, n in enumerate(cfg.heldout_videos)]
     seen = [make_video(n, cfg.frames, 20_000 + i) for i, n in enumerate(cfg.train_videos)]
     pair = stereo_pair()
+    evaluate.precompute(methods, [(v.frames[t], v.image) for v in heldout + seen for t in targets] +
+                        [(pair.frame, pair.image)])
     evaluate.figures(cfg.out, heldout[0], targets[-1], pair, methods)
     return {"heldout_videos": list(cfg.heldout_videos), "train_videos": list(cfg.train_videos),
             "training_photos": list(cfg.training_photos), "targets": targets,
