@@ -99,8 +99,9 @@ def test_cli_accepts_valid_arguments_and_checks_only(tmp_path, monkeypatch):
     from examples.frame_pair import config
 
     hour = config.make(out, "hour")
-    assert (hour.size, hour.batch_size, hour.steps, hour.input_lr) == ((72, 128), 8, 2500, 1.0)
-    assert _args(["train", "--smoke", "--input-lr", "30", "--out", str(out)]).input_lr == 30.0
+    assert (hour.size, hour.batch_size, hour.steps, hour.input_lr) == ((72, 128), 8, 2500, 30.0)
+    assert config.make(out, "demo").input_lr == 30.0
+    assert _args(["train", "--smoke", "--input-lr", "1", "--out", str(out)]).input_lr == 1.0
     (out / "models").mkdir()
     (out / "models" / "single.safetensors").write_bytes(b"")
     assert _args(["evaluate", str(out)]).runs == [str(out)]

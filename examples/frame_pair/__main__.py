@@ -94,7 +94,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_int(1), help="steps of each compared stage (single, pair, frames<many>)")
     parser.add_argument("--base-steps", type=_int(1), help="steps of the single-frame model's stage")
     parser.add_argument("--input-lr", type=_positive, help="the compared stages' input layer learning rate, as a "
-                        "multiple of the others' (default 1; 30 shortens the pair's plateau about 4x)")
+                        "multiple of the others' (default 30, which shortens the pair's plateau about 4x; 1: one rate)")
     parser.add_argument("--videos", type=_int(1), help="training photos used (the first ones)")
     parser.add_argument("--frames", type=_int(2), help="frames per video")
     parser.add_argument("--many", type=_int(2), help="inputs of the scale-up stage (about ten)")
