@@ -171,7 +171,7 @@ def equivalence(cfg: config.RunConfig) -> dict[str, object]:
         curves = {k: {"steps": v} for k, v in result["curves"].items()}
         evaluate.learning_curves(cfg.out / "equivalence.png", curves, "last-layer fine-tuning, SGD lr 0.101 "
                                  "(epoch means)")
-    ddp.say(f"control (repeat, no zeroing) loss: {result['repeat_control']:.6f}  |diff|: {result['control_diff']:.6f}")
+    ddp.say(f"control (repeat, no zeroing) loss: {result['repeat_control']:.6f}  |diff|: {result['control_diff']:.2g}")
     ddp.say(f"max |prediction difference| single vs two-input (zeroed): {result['max_prediction_diff']:.3g}")
     ddp.say(f"single-input loss: {result['single']:.6f}  two-input (zeroed) loss: {result['zeroed']:.6f}  "
             f"|diff|: {result['diff']:.2g}")
