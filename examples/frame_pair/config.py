@@ -64,8 +64,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"size": (64, 112), "frames": 4, "many": 3, "videos": 3, "batch_size": 2, "base_steps": 2, "steps": 4,
               "save_every": 2, "eval_targets": 1, "train_eval": 1, "flow_size": (64, 112), "study_batches": 2,
               "study_epochs": 2},
-    # small inputs: the pair leaves its plateau after about 300 steps at 48x80 (72x128: 400), and
-    # a step costs about as much (2 CPU threads: 0.15 s against 0.20 s; per-layer overhead dominates)
+    # small inputs: the pair leaves its plateau after 200 to 300 steps at 48x80 (72x128: 300 to 400),
+    # and a step costs about as much (2 CPU threads: 0.15 s against 0.20 s; per-layer costs dominate)
     "demo": {},
     # larger inputs and many more steps
     "hour": {"size": (72, 128), "batch_size": 8, "base_steps": 100, "steps": 2500, "save_every": 250},
