@@ -97,11 +97,12 @@ def fit(model: nn.Module, batches: Sequence[Batch] | Callable[[int], Batch], cfg
     """
     batch = (lambda step: batches[step % len(batches)]) if isinstance(batches, Sequence) else batches
     device = next(model.parameters()).device
-    report = finetune(model, cfg.policy, example_input=batch(0)[0][:1].to(device))
+    example = batch(0)[0][:1].to(device)
+    report = finetune(model, cfg.policy, example_input=example)
     pin_batchnorm(model, "eval", small_batch="ignore")  # never flips between training and evaluation
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    inputs = find_input_layers(model, batch(0)[0][:1].to(device)) if cfg.input_lr != 1 else []
+    inputs = find_input_layers(model, example) if cfg.input_lr != 1 else []
     optimizer = make_optimizer(cfg, params, [p for name in inputs for p in model.get_submodule(name).parameters()])
     check_optimizer(model, optimizer)
     history = History(trainable=str(report))
